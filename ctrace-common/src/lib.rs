@@ -1,0 +1,184 @@
+//! Types shared by the kernel programs (`ctrace-ebpf`) and the loader (`ctrace`).
+//!
+//! Everything here is `#[repr(C)]` and plain old data: it crosses the kernel/user boundary
+//! through maps, globals and the ring buffer, so field order and sizes are an ABI.
+#![no_std]
+
+/// Why a packet (or a conntrack entry) was dropped. The numeric values index `REASON_TOTALS`.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Reason {
+    /// No entry could be allocated: the table was full and early_drop found nothing to evict.
+    TableFull = 0,
+    /// An unassured entry was evicted to make room for a new one.
+    EarlyDrop = 1,
+    /// Confirming a new entry failed: unresolved clash, chain too long, or a dying entry.
+    InsertFailed = 2,
+    /// Conntrack judged the packet invalid (dropped by conntrack or by a ctstate INVALID rule).
+    Invalid = 3,
+    /// A DROP verdict from the ruleset (iptables/nftables), not from conntrack.
+    NetfilterRule = 4,
+}
+
+impl Reason {
+    pub const COUNT: usize = 5;
+    pub const ALL: [Reason; Reason::COUNT] = [
+        Reason::TableFull,
+        Reason::EarlyDrop,
+        Reason::InsertFailed,
+        Reason::Invalid,
+        Reason::NetfilterRule,
+    ];
+
+    pub fn from_u8(v: u8) -> Option<Reason> {
+        Reason::ALL.get(v as usize).copied()
+    }
+
+    /// The stable name used in the CLI, the text output and JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::TableFull => "table_full",
+            Reason::EarlyDrop => "early_drop",
+            Reason::InsertFailed => "insert_failed",
+            Reason::Invalid => "invalid",
+            Reason::NetfilterRule => "netfilter_rule",
+        }
+    }
+}
+
+/// Set in `DropEvent::flags`.
+pub mod flags {
+    /// The packet came from a local socket in process context (no input device yet):
+    /// `pid`/`comm` name the sender.
+    pub const LOCAL_SENDER: u32 = 1 << 0;
+    /// The skb carried a conntrack entry (`skb->_nfct != 0`) when it was freed.
+    pub const HAS_CT: u32 = 1 << 1;
+    /// The network and transport headers could be read and decoded.
+    pub const HEADERS_OK: u32 = 1 << 2;
+    /// No per-CPU baseline existed for this netns yet: attribution assumed the counters started at 0.
+    pub const NEW_BASELINE: u32 = 1 << 3;
+    /// Attributed by a kprobe on the conntrack path (exact), not by counter deltas.
+    pub const FROM_KPROBE: u32 = 1 << 4;
+}
+
+/// Kernel field offsets and enum values, resolved from the running kernel's BTF by the loader
+/// and written into the programs' read-only globals before load. Nothing is guessed at build time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelLayout {
+    // struct sk_buff
+    pub skb_dev: u32,
+    pub skb_sk: u32,
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_transport_header: u32,
+    pub skb_protocol: u32,
+    pub skb_nfct: u32,
+    pub skb_refdst: u32,
+    // struct net_device / struct sock / struct dst_entry
+    pub dev_nd_net: u32,
+    pub sk_net: u32,
+    pub dst_dev: u32,
+    // struct net
+    pub net_inum: u32,
+    pub net_ct_stat: u32,
+    // struct ip_conntrack_stat
+    pub stat_invalid: u32,
+    pub stat_insert_failed: u32,
+    pub stat_drop: u32,
+    pub stat_early_drop: u32,
+    /// `enum skb_drop_reason` value of SKB_DROP_REASON_NETFILTER_DROP, or `u32::MAX` on kernels
+    /// without drop reasons (then `nf_hook_slow_{start,end}` filter by free location).
+    pub reason_netfilter_drop: u32,
+    /// struct bpf_array: offset of `pptrs` (finds this CPU's per-CPU offset, see percpu.rs).
+    pub bpf_array_pptrs: u32,
+    pub nf_hook_slow_start: u64,
+    pub nf_hook_slow_end: u64,
+}
+
+/// Snapshot of one CPU's `struct ip_conntrack_stat` counters that attribution compares against.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtStat {
+    pub drop: u32,
+    pub invalid: u32,
+    pub insert_failed: u32,
+    pub early_drop: u32,
+}
+
+/// Key of the per-CPU baseline map: one entry per (netns, CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BaselineKey {
+    pub netns: u32,
+    pub cpu: u32,
+}
+
+/// Key of the exact per-netns totals map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NetnsReasonKey {
+    pub netns: u32,
+    pub reason: u32,
+}
+
+pub const TASK_COMM_LEN: usize = 16;
+
+/// One dropped packet, as sent through the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DropEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// Where the skb was freed (kernel text address).
+    pub location: u64,
+    pub netns: u32,
+    pub cpu: u32,
+    pub pid: u32,
+    pub flags: u32,
+    /// Counter increases on this CPU since the previous drop seen in this netns.
+    pub delta: CtStat,
+    pub comm: [u8; TASK_COMM_LEN],
+    pub reason: u8,
+    /// 4 or 6, 0 when the headers could not be read.
+    pub ip_version: u8,
+    /// IP protocol number (6 tcp, 17 udp, 1 icmp, 58 icmpv6, ...).
+    pub l4proto: u8,
+    /// ctinfo bits of skb->_nfct (IP_CT_NEW etc.) when HAS_CT.
+    pub ctinfo: u8,
+    /// Ports in host byte order; for ICMP, `sport` is the id and `dport` is type << 8 | code.
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C) and made of integers and integer arrays only; padding is
+    // explicit, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::KernelLayout {}
+    unsafe impl aya::Pod for super::CtStat {}
+    unsafe impl aya::Pod for super::BaselineKey {}
+    unsafe impl aya::Pod for super::NetnsReasonKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_round_trips() {
+        for r in Reason::ALL {
+            assert_eq!(Reason::from_u8(r as u8), Some(r));
+        }
+        assert_eq!(Reason::from_u8(Reason::COUNT as u8), None);
+    }
+
+    #[test]
+    fn abi_sizes_are_stable() {
+        // The ring buffer record and the globals are an ABI between the two sides.
+        assert_eq!(core::mem::size_of::<DropEvent>(), 104);
+        assert_eq!(core::mem::size_of::<KernelLayout>(), 96);
+    }
+}

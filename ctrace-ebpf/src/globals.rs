@@ -1,0 +1,87 @@
+//! Read-only globals, written by the loader before load (the `.rodata` map is then frozen, so
+//! the verifier treats the values as constants: offsets from here can address BTF pointers).
+
+use core::ptr::read_volatile;
+
+use ctrace_common::KernelLayout;
+
+#[unsafe(no_mangle)]
+pub(crate) static LAYOUT: KernelLayout = KernelLayout {
+    skb_dev: 0,
+    skb_sk: 0,
+    skb_head: 0,
+    skb_network_header: 0,
+    skb_transport_header: 0,
+    skb_protocol: 0,
+    skb_nfct: 0,
+    skb_refdst: 0,
+    dev_nd_net: 0,
+    sk_net: 0,
+    dst_dev: 0,
+    net_inum: 0,
+    net_ct_stat: 0,
+    stat_invalid: 0,
+    stat_insert_failed: 0,
+    stat_drop: 0,
+    stat_early_drop: 0,
+    reason_netfilter_drop: u32::MAX,
+    bpf_array_pptrs: 0,
+    nf_hook_slow_start: 0,
+    nf_hook_slow_end: 0,
+};
+
+/// Reads one field of `LAYOUT`. Volatile so that the compiler cannot fold the build-time zeros.
+macro_rules! layout {
+    ($field:ident) => {
+        $crate::globals::read_const(&raw const $crate::globals::LAYOUT.$field)
+    };
+}
+pub(crate) use layout;
+
+/// Volatile read of a global, so that the compiler cannot fold the build-time default.
+#[inline(always)]
+pub fn read_const<T: Copy>(p: *const T) -> T {
+    // SAFETY: only called with pointers to this module's statics.
+    unsafe { read_volatile(p) }
+}
+
+// Filters (0 = any). Applied in the kernel so that the exact totals respect them too.
+#[unsafe(no_mangle)]
+static FILTER_NETNS: u32 = 0;
+#[unsafe(no_mangle)]
+static FILTER_L4PROTO: u32 = 0;
+#[unsafe(no_mangle)]
+static FILTER_PORT: u32 = 0;
+/// Bit `1 << reason` set = report that reason. 0 = all.
+#[unsafe(no_mangle)]
+static FILTER_REASONS: u32 = 0;
+/// 0 = no host filter, 4 or 6 = match FILTER_HOST (16 bytes, IPv4 in the first 4).
+#[unsafe(no_mangle)]
+static FILTER_HOST_VERSION: u32 = 0;
+#[unsafe(no_mangle)]
+static FILTER_HOST: [u8; 16] = [0; 16];
+
+#[inline(always)]
+pub fn filter_netns() -> u32 {
+    unsafe { read_volatile(&raw const FILTER_NETNS) }
+}
+#[inline(always)]
+pub fn filter_l4proto() -> u32 {
+    unsafe { read_volatile(&raw const FILTER_L4PROTO) }
+}
+#[inline(always)]
+pub fn filter_port() -> u32 {
+    unsafe { read_volatile(&raw const FILTER_PORT) }
+}
+#[inline(always)]
+pub fn filter_reasons() -> u32 {
+    unsafe { read_volatile(&raw const FILTER_REASONS) }
+}
+#[inline(always)]
+pub fn filter_host_version() -> u32 {
+    unsafe { read_volatile(&raw const FILTER_HOST_VERSION) }
+}
+#[inline(always)]
+pub fn filter_host() -> [u8; 16] {
+    unsafe { read_volatile(&raw const FILTER_HOST) }
+}

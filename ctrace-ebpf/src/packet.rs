@@ -1,0 +1,86 @@
+//! Decodes the flow of a dropped skb from its IP and transport headers.
+
+use aya_ebpf::helpers::bpf_probe_read_kernel;
+use ctrace_common::{DropEvent, flags};
+
+use crate::globals::layout;
+
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+const IPPROTO_DCCP: u8 = 33;
+const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_SCTP: u8 = 132;
+const IPPROTO_UDPLITE: u8 = 136;
+
+#[inline(always)]
+unsafe fn read<T>(addr: u64) -> Option<T> {
+    unsafe { bpf_probe_read_kernel(addr as *const T).ok() }
+}
+
+/// Fills the address, protocol and port fields of `ev` from the skb at `skb`.
+/// Leaves them zero (and HEADERS_OK unset) when the headers cannot be read.
+#[inline(always)]
+pub fn decode(skb: u64, ev: &mut DropEvent) {
+    let _ = unsafe { try_decode(skb, ev) };
+}
+
+#[inline(always)]
+unsafe fn try_decode(skb: u64, ev: &mut DropEvent) -> Option<()> {
+    unsafe {
+        let head: u64 = read(skb + layout!(skb_head) as u64)?;
+        let nh_off: u16 = read(skb + layout!(skb_network_header) as u64)?;
+        if head == 0 || nh_off == u16::MAX {
+            return None;
+        }
+        let nh = head + nh_off as u64;
+        let first: u8 = read(nh)?;
+        let th = match first >> 4 {
+            4 => {
+                // struct iphdr: ihl:4 version:4, ..., protocol@9, saddr@12, daddr@16
+                let ihl = (first & 0x0f) as u64;
+                if ihl < 5 {
+                    return None;
+                }
+                ev.ip_version = 4;
+                ev.l4proto = read(nh + 9)?;
+                let s: [u8; 4] = read(nh + 12)?;
+                let d: [u8; 4] = read(nh + 16)?;
+                ev.saddr[..4].copy_from_slice(&s);
+                ev.daddr[..4].copy_from_slice(&d);
+                let frag: u16 = read(nh + 6)?;
+                // Only the first fragment carries the transport header.
+                if u16::from_be(frag) & 0x1fff != 0 {
+                    ev.flags |= flags::HEADERS_OK;
+                    return Some(());
+                }
+                nh + ihl * 4
+            }
+            6 => {
+                // struct ipv6hdr: nexthdr@6, saddr@8, daddr@24. Extension headers are not walked.
+                ev.ip_version = 6;
+                ev.l4proto = read(nh + 6)?;
+                ev.saddr = read(nh + 8)?;
+                ev.daddr = read(nh + 24)?;
+                nh + 40
+            }
+            _ => return None,
+        };
+        match ev.l4proto {
+            IPPROTO_TCP | IPPROTO_UDP | IPPROTO_UDPLITE | IPPROTO_SCTP | IPPROTO_DCCP => {
+                let ports: [u8; 4] = read(th)?;
+                ev.sport = u16::from_be_bytes([ports[0], ports[1]]);
+                ev.dport = u16::from_be_bytes([ports[2], ports[3]]);
+            }
+            IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+                // type@0 code@1 id@4
+                let hdr: [u8; 6] = read(th)?;
+                ev.dport = u16::from_be_bytes([hdr[0], hdr[1]]);
+                ev.sport = u16::from_be_bytes([hdr[4], hdr[5]]);
+            }
+            _ => {}
+        }
+        ev.flags |= flags::HEADERS_OK;
+        Some(())
+    }
+}

@@ -1,0 +1,180 @@
+//! Keeps a flood from drowning the terminal: above `limit` drops per second, drops are folded
+//! into per-second aggregates per (reason, netns, protocol, destination address).
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use ctrace_common::Reason;
+
+use crate::event::Drop;
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AggKey {
+    pub reason: Reason,
+    pub netns: u32,
+    pub proto: Option<u8>,
+    pub dst: Option<IpAddr>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AggValue {
+    pub count: u64,
+    /// Destination ports seen (ICMP: type << 8 | code), up to `MAX_PORTS` distinct.
+    pub dports: std::collections::BTreeSet<u16>,
+    pub ports_overflow: bool,
+    /// For a folded line: how many other destinations it stands for.
+    pub others: u64,
+}
+
+const MAX_PORTS: usize = 64;
+
+#[derive(Debug)]
+pub enum Admit {
+    /// Print this drop on its own.
+    Print,
+    /// Folded into the current second's aggregates.
+    Folded,
+}
+
+#[derive(Debug)]
+pub struct RateLimiter {
+    limit: u64,
+    in_window: u64,
+    aggregating: bool,
+    aggs: BTreeMap<AggKey, AggValue>,
+}
+
+/// What a window closing produced.
+#[derive(Debug, Default)]
+pub struct Flush {
+    pub aggregates: Vec<(AggKey, AggValue)>,
+    /// Some(true): aggregation starts now; Some(false): it ended.
+    pub switched: Option<bool>,
+}
+
+impl RateLimiter {
+    /// `limit == 0` disables aggregation.
+    pub fn new(limit: u64) -> Self {
+        RateLimiter {
+            limit,
+            in_window: 0,
+            aggregating: false,
+            aggs: BTreeMap::new(),
+        }
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    pub fn admit(&mut self, d: &Drop, count: u64) -> Admit {
+        self.in_window += count;
+        if self.limit == 0 || (!self.aggregating && self.in_window <= self.limit) {
+            return Admit::Print;
+        }
+        let key = AggKey {
+            reason: d.reason,
+            netns: d.netns,
+            proto: d.flow.as_ref().map(|f| f.proto),
+            dst: d.flow.as_ref().map(|f| f.dst),
+        };
+        let v = self.aggs.entry(key).or_default();
+        v.count += count;
+        if let Some(f) = &d.flow {
+            if v.dports.len() < MAX_PORTS {
+                v.dports.insert(f.dport);
+            } else if !v.dports.contains(&f.dport) {
+                v.ports_overflow = true;
+            }
+        }
+        Admit::Folded
+    }
+
+    /// Ends the current one-second window.
+    pub fn tick(&mut self) -> Flush {
+        let over = self.limit != 0 && self.in_window > self.limit;
+        let mut flush = Flush {
+            aggregates: std::mem::take(&mut self.aggs).into_iter().collect(),
+            switched: None,
+        };
+        if over && !self.aggregating {
+            self.aggregating = true;
+            flush.switched = Some(true);
+        } else if !over && self.aggregating {
+            self.aggregating = false;
+            flush.switched = Some(false);
+        }
+        self.in_window = 0;
+        flush
+    }
+
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::Flow;
+
+    fn drop_to(port: u16) -> Drop {
+        Drop {
+            ts_ns: 0,
+            reason: Reason::TableFull,
+            netns: 1,
+            cpu: 0,
+            flow: Some(Flow {
+                proto: 17,
+                src: "10.0.0.1".parse().unwrap(),
+                dst: "10.0.0.2".parse().unwrap(),
+                sport: 1,
+                dport: port,
+            }),
+            process: None,
+            new_baseline: false,
+        }
+    }
+
+    #[test]
+    fn prints_below_limit_then_aggregates() {
+        let mut rl = RateLimiter::new(3);
+        let printed = (0..10)
+            .filter(|i| matches!(rl.admit(&drop_to(*i), 1), Admit::Print))
+            .count();
+        assert_eq!(printed, 3);
+        let f = rl.tick();
+        assert_eq!(f.switched, Some(true));
+        assert_eq!(f.aggregates.len(), 1);
+        assert_eq!(f.aggregates[0].1.count, 7);
+        assert_eq!(f.aggregates[0].1.dports.len(), 7);
+        // Still flooding: everything folds.
+        for i in 0..5 {
+            assert!(matches!(rl.admit(&drop_to(i), 1), Admit::Folded));
+        }
+        // A quiet second ends aggregation.
+        let f = rl.tick();
+        assert_eq!(f.switched, None, "5 > 3: still over the limit");
+        let f = rl.tick();
+        assert_eq!(f.switched, Some(false));
+        assert!(matches!(rl.admit(&drop_to(1), 1), Admit::Print));
+    }
+
+    #[test]
+    fn zero_limit_prints_everything() {
+        let mut rl = RateLimiter::new(0);
+        for i in 0..1000 {
+            assert!(matches!(rl.admit(&drop_to(i), 1), Admit::Print));
+        }
+        assert!(rl.tick().aggregates.is_empty());
+    }
+
+    #[test]
+    fn port_set_is_bounded() {
+        let mut rl = RateLimiter::new(1);
+        for i in 0..1000 {
+            rl.admit(&drop_to(i), 1);
+        }
+        let f = rl.tick();
+        let v = &f.aggregates[0].1;
+        assert_eq!(v.count, 999);
+        assert_eq!(v.dports.len(), MAX_PORTS);
+        assert!(v.ports_overflow);
+    }
+}

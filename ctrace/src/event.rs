@@ -1,0 +1,232 @@
+//! Decoding of the kernel's `DropEvent` records into flows people can read.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ctrace_common::{DropEvent, Reason, flags};
+
+use crate::sanitize::kernel_str;
+
+/// IP protocol numbers ctrace names; others print as their number.
+pub fn proto_name(p: u8) -> String {
+    match p {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        33 => "dccp".into(),
+        47 => "gre".into(),
+        50 => "esp".into(),
+        58 => "icmpv6".into(),
+        132 => "sctp".into(),
+        136 => "udplite".into(),
+        n => n.to_string(),
+    }
+}
+
+/// Inverse of `proto_name`, for `--proto`.
+pub fn parse_proto(s: &str) -> Option<u8> {
+    match s.to_ascii_lowercase().as_str() {
+        "icmp" => Some(1),
+        "tcp" => Some(6),
+        "udp" => Some(17),
+        "dccp" => Some(33),
+        "gre" => Some(47),
+        "esp" => Some(50),
+        "icmpv6" | "ipv6-icmp" => Some(58),
+        "sctp" => Some(132),
+        "udplite" => Some(136),
+        n => n.parse().ok().filter(|&v| v != 0),
+    }
+}
+
+pub fn is_icmp(p: u8) -> bool {
+    p == 1 || p == 58
+}
+
+pub fn has_ports(p: u8) -> bool {
+    matches!(p, 6 | 17 | 33 | 132 | 136)
+}
+
+/// The sending process, when the drop happened in its context.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Process {
+    pub pid: u32,
+    pub comm: String,
+}
+
+/// One dropped packet, decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Drop {
+    pub ts_ns: u64,
+    pub reason: Reason,
+    pub netns: u32,
+    pub cpu: u32,
+    /// None when the headers could not be read.
+    pub flow: Option<Flow>,
+    pub process: Option<Process>,
+    pub new_baseline: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Flow {
+    pub proto: u8,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// Ports for TCP/UDP/SCTP/...; for ICMP `sport` is the echo id and `dport` is type << 8 | code.
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl Flow {
+    pub fn icmp_type_code(&self) -> Option<(u8, u8)> {
+        is_icmp(self.proto).then(|| ((self.dport >> 8) as u8, self.dport as u8))
+    }
+
+    pub fn src_string(&self) -> String {
+        endpoint(self.src, has_ports(self.proto).then_some(self.sport))
+    }
+
+    pub fn dst_string(&self) -> String {
+        match self.icmp_type_code() {
+            Some((t, c)) => format!("{} type {t} code {c}", self.dst),
+            None => endpoint(self.dst, has_ports(self.proto).then_some(self.dport)),
+        }
+    }
+}
+
+fn endpoint(ip: IpAddr, port: Option<u16>) -> String {
+    match (ip, port) {
+        (IpAddr::V4(a), Some(p)) => format!("{a}:{p}"),
+        (IpAddr::V6(a), Some(p)) => format!("[{a}]:{p}"),
+        (a, None) => a.to_string(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("event record of {0} bytes, expected {expected}", expected = std::mem::size_of::<DropEvent>())]
+pub struct BadRecord(usize);
+
+/// Copies a ring buffer record into a `DropEvent` (records are not aligned for us).
+pub fn parse_record(bytes: &[u8]) -> Result<DropEvent, BadRecord> {
+    if bytes.len() < std::mem::size_of::<DropEvent>() {
+        return Err(BadRecord(bytes.len()));
+    }
+    // SAFETY: DropEvent is repr(C) plain data and `bytes` is long enough.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const DropEvent) })
+}
+
+pub fn decode(ev: &DropEvent) -> Option<Drop> {
+    let reason = Reason::from_u8(ev.reason)?;
+    let flow = if ev.flags & flags::HEADERS_OK != 0 {
+        let (src, dst) = match ev.ip_version {
+            4 => (
+                IpAddr::V4(Ipv4Addr::new(ev.saddr[0], ev.saddr[1], ev.saddr[2], ev.saddr[3])),
+                IpAddr::V4(Ipv4Addr::new(ev.daddr[0], ev.daddr[1], ev.daddr[2], ev.daddr[3])),
+            ),
+            6 => (IpAddr::V6(Ipv6Addr::from(ev.saddr)), IpAddr::V6(Ipv6Addr::from(ev.daddr))),
+            _ => return None,
+        };
+        Some(Flow {
+            proto: ev.l4proto,
+            src,
+            dst,
+            sport: ev.sport,
+            dport: ev.dport,
+        })
+    } else {
+        None
+    };
+    let process = (ev.flags & flags::LOCAL_SENDER != 0).then(|| Process {
+        pid: ev.pid,
+        comm: kernel_str(&ev.comm),
+    });
+    Some(Drop {
+        ts_ns: ev.ts_ns,
+        reason,
+        netns: ev.netns,
+        cpu: ev.cpu,
+        flow,
+        process,
+        new_baseline: ev.flags & flags::NEW_BASELINE != 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ctrace_common::CtStat;
+
+    fn raw() -> DropEvent {
+        DropEvent {
+            ts_ns: 5,
+            location: 0,
+            netns: 4026532177,
+            cpu: 1,
+            pid: 42,
+            flags: flags::HEADERS_OK | flags::LOCAL_SENDER,
+            delta: CtStat::default(),
+            comm: *b"py\x1bthon\0\0\0\0\0\0\0\0\0\0",
+            reason: Reason::TableFull as u8,
+            ip_version: 4,
+            l4proto: 17,
+            ctinfo: 0,
+            sport: 5000,
+            dport: 53,
+            saddr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            daddr: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        }
+    }
+
+    #[test]
+    fn decodes_ipv4_udp_with_sanitised_comm() {
+        let d = decode(&raw()).unwrap();
+        assert_eq!(d.reason, Reason::TableFull);
+        let f = d.flow.unwrap();
+        assert_eq!(f.src_string(), "10.0.0.1:5000");
+        assert_eq!(f.dst_string(), "10.0.0.2:53");
+        assert_eq!(d.process.unwrap().comm, "py?thon");
+    }
+
+    #[test]
+    fn decodes_ipv6_and_icmp() {
+        let mut ev = raw();
+        ev.ip_version = 6;
+        ev.saddr = Ipv6Addr::LOCALHOST.octets();
+        ev.daddr = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
+        let f = decode(&ev).unwrap().flow.unwrap();
+        assert_eq!(f.src_string(), "[::1]:5000");
+        ev.l4proto = 58;
+        ev.dport = (128 << 8) | 0;
+        let f = decode(&ev).unwrap().flow.unwrap();
+        assert_eq!(f.icmp_type_code(), Some((128, 0)));
+        assert_eq!(f.dst_string(), "2001:db8::1 type 128 code 0");
+        assert_eq!(f.src_string(), "::1");
+    }
+
+    #[test]
+    fn unknown_reason_and_short_records_are_rejected() {
+        let mut ev = raw();
+        ev.reason = 99;
+        assert!(decode(&ev).is_none());
+        assert!(parse_record(&[0u8; 10]).is_err());
+    }
+
+    #[test]
+    fn no_headers_no_flow_and_no_process_without_local_sender() {
+        let mut ev = raw();
+        ev.flags = 0;
+        let d = decode(&ev).unwrap();
+        assert!(d.flow.is_none());
+        assert!(d.process.is_none());
+    }
+
+    #[test]
+    fn proto_names_round_trip() {
+        for p in [1u8, 6, 17, 58, 132] {
+            assert_eq!(parse_proto(&proto_name(p)), Some(p));
+        }
+        assert_eq!(parse_proto("TCP"), Some(6));
+        assert_eq!(parse_proto("47"), Some(47));
+        assert_eq!(parse_proto("bogus"), None);
+        assert_eq!(parse_proto("0"), None);
+    }
+}

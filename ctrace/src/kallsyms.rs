@@ -1,0 +1,57 @@
+//! Lookups in /proc/kallsyms (text symbols only; data symbols need CONFIG_KALLSYMS_ALL).
+
+use std::io::{BufRead as _, BufReader};
+
+use anyhow::Context as _;
+
+/// The [start, end) address range of function `name`, end being the next symbol's address.
+/// `None` when the symbol is absent or its address is hidden (kptr_restrict).
+pub fn symbol_range(name: &str) -> anyhow::Result<Option<(u64, u64)>> {
+    let f = std::fs::File::open("/proc/kallsyms").context("cannot open /proc/kallsyms")?;
+    find_range(BufReader::new(f).lines().map_while(Result::ok), name)
+}
+
+fn find_range(lines: impl Iterator<Item = String>, name: &str) -> anyhow::Result<Option<(u64, u64)>> {
+    let mut start = None;
+    for line in lines {
+        let mut it = line.split_whitespace();
+        let (Some(addr), Some(_kind), Some(sym)) = (it.next(), it.next(), it.next()) else {
+            continue;
+        };
+        let Ok(addr) = u64::from_str_radix(addr, 16) else { continue };
+        if let Some(s) = start {
+            if addr > s {
+                return Ok(Some((s, addr)));
+            }
+        } else if sym == name && it.next().is_none() && addr != 0 {
+            start = Some(addr);
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn range_ends_at_next_higher_symbol() {
+        let lines = [
+            "ffffffff81000000 T a",
+            "ffffffff81000100 T nf_hook_slow",
+            "ffffffff81000100 t alias",
+            "ffffffff81000180 T next",
+        ]
+        .map(String::from);
+        assert_eq!(
+            find_range(lines.into_iter(), "nf_hook_slow").unwrap(),
+            Some((0xffffffff81000100, 0xffffffff81000180))
+        );
+    }
+
+    #[test]
+    fn hidden_addresses_are_absent() {
+        let lines = ["0000000000000000 T nf_hook_slow", "0000000000000000 T next"].map(String::from);
+        assert_eq!(find_range(lines.into_iter(), "nf_hook_slow").unwrap(), None);
+    }
+}

@@ -1,0 +1,61 @@
+//! Resolves `KernelLayout` (field offsets, enum values, text addresses) for the running kernel.
+
+use anyhow::Context as _;
+use ctrace_common::KernelLayout;
+
+use crate::btf::{Btf, BtfError};
+
+/// How the kfree_skb program recognises a netfilter drop on this kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropMatch {
+    /// `reason == SKB_DROP_REASON_NETFILTER_DROP` (value from BTF).
+    Reason(u32),
+    /// No drop reasons (before 5.17): the free happened inside `nf_hook_slow`.
+    Location { start: u64, end: u64 },
+}
+
+pub fn resolve(btf: &Btf) -> anyhow::Result<(KernelLayout, DropMatch)> {
+    let off = |s: &str, p: &str| -> Result<u32, BtfError> { btf.member_offset(s, p) };
+    let mut l = KernelLayout {
+        skb_dev: off("sk_buff", "dev")?,
+        skb_sk: off("sk_buff", "sk")?,
+        skb_head: off("sk_buff", "head")?,
+        skb_network_header: off("sk_buff", "network_header")?,
+        skb_transport_header: off("sk_buff", "transport_header")?,
+        skb_protocol: off("sk_buff", "protocol")?,
+        skb_nfct: off("sk_buff", "_nfct").context(
+            "this kernel has no skb->_nfct: it was built without netfilter connection tracking",
+        )?,
+        skb_refdst: off("sk_buff", "_skb_refdst")?,
+        dev_nd_net: off("net_device", "nd_net.net")?,
+        sk_net: off("sock", "__sk_common.skc_net.net")?,
+        dst_dev: off("dst_entry", "dev")?,
+        net_inum: off("net", "ns.inum")?,
+        net_ct_stat: off("net", "ct.stat").context(
+            "this kernel's struct net has no conntrack state (CONFIG_NF_CONNTRACK is off)",
+        )?,
+        stat_invalid: off("ip_conntrack_stat", "invalid")?,
+        stat_insert_failed: off("ip_conntrack_stat", "insert_failed")?,
+        stat_drop: off("ip_conntrack_stat", "drop")?,
+        stat_early_drop: off("ip_conntrack_stat", "early_drop")?,
+        reason_netfilter_drop: u32::MAX,
+        bpf_array_pptrs: off("bpf_array", "pptrs")?,
+        nf_hook_slow_start: 0,
+        nf_hook_slow_end: 0,
+    };
+    let matcher = match btf.enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP") {
+        Ok(v) => {
+            l.reason_netfilter_drop = v as u32;
+            DropMatch::Reason(v as u32)
+        }
+        Err(_) => {
+            let (start, end) = crate::kallsyms::symbol_range("nf_hook_slow")?.context(
+                "this kernel has neither drop reasons nor a visible nf_hook_slow symbol in /proc/kallsyms",
+            )?;
+            l.nf_hook_slow_start = start;
+            l.nf_hook_slow_end = end;
+            DropMatch::Location { start, end }
+        }
+    };
+    Ok((l, matcher))
+}

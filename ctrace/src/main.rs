@@ -1,0 +1,80 @@
+//! ctrace: shows which packets netfilter connection tracking dropped, and why.
+//!
+//! Layout: `cli` (flags) → `session` (the run loop) → `probes` (kernel hooks per mode) →
+//! `event` (decoding) → `aggregate`/`summary` → `output` (text, JSON). `btf`/`layout` resolve
+//! kernel offsets at start-up; `netns`/`ctstat` read the kernel's own counters; `demo` makes
+//! conntrack drop packets in a throwaway netns.
+
+mod aggregate;
+mod btf;
+mod cli;
+mod ctstat;
+mod demo;
+mod event;
+mod kallsyms;
+mod layout;
+mod netns;
+mod output;
+mod privileges;
+mod probes;
+mod sanitize;
+mod session;
+mod summary;
+
+use std::{io::IsTerminal as _, process::ExitCode};
+
+use clap::Parser as _;
+use cli::{Cli, Command};
+use output::Output;
+
+fn make_output(json: bool, offset: time::UtcOffset) -> Output {
+    let stdout: Box<dyn std::io::Write + Send> = Box::new(std::io::stdout());
+    if json { Output::json(stdout) } else { Output::text(stdout, offset) }
+}
+
+/// The local UTC offset, read while the process is still single-threaded (the `time` crate
+/// refuses to read it later).
+fn local_offset() -> time::UtcOffset {
+    time::UtcOffset::current_local_offset().unwrap_or(time::UtcOffset::UTC)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let offset = local_offset();
+
+    if let Some(msg) = privileges::check() {
+        eprintln!("ctrace: {msg}");
+        return ExitCode::from(1);
+    }
+    privileges::raise_memlock();
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("ctrace: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => {
+                let out = make_output(args.json, offset);
+                session::run(args, out, session::Hooks::default()).await.map(|_| ())
+            }
+            Command::Demo(args) => demo::run(args, offset).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the outermost context says what to do; the causes say why.
+            let causes: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+            eprintln!("ctrace: {}", causes.join(": "));
+            if std::io::stderr().is_terminal() {
+                log::debug!("{e:?}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Network namespaces: inode → `ip netns` name, and reading a netns's conntrack counters.
+
+use std::{
+    collections::HashMap,
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+
+use crate::ctstat::CtStats;
+
+/// Where a netns can be entered from: a bind mount (`ip netns add`) or a process inside it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Handle {
+    Named(PathBuf),
+    /// A task (thread) inside the netns: threads can be in other netns than their process.
+    Task { pid: u32, tid: u32 },
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct NetnsInfo {
+    pub name: Option<String>,
+    pub handle: Option<Handle>,
+}
+
+/// All network namespaces that can be found: /run/netns (names) and /proc/*/task/*/ns/net.
+#[derive(Debug, Default)]
+pub struct Registry {
+    pub known: HashMap<u32, NetnsInfo>,
+}
+
+pub const NETNS_RUN_DIR: &str = "/run/netns";
+
+fn inode(path: &Path) -> Option<u32> {
+    fs::metadata(path).ok().map(|m| m.ino() as u32)
+}
+
+/// The netns inode of the calling thread.
+pub fn current_inode() -> anyhow::Result<u32> {
+    inode(Path::new("/proc/thread-self/ns/net")).context("cannot read /proc/thread-self/ns/net")
+}
+
+impl Registry {
+    pub fn scan() -> Registry {
+        let mut r = Registry::default();
+        r.rescan();
+        r
+    }
+
+    pub fn rescan(&mut self) {
+        let mut known: HashMap<u32, NetnsInfo> = HashMap::new();
+        if let Ok(dir) = fs::read_dir(NETNS_RUN_DIR) {
+            for e in dir.flatten() {
+                let path = e.path();
+                if let Some(ino) = inode(&path) {
+                    known.insert(
+                        ino,
+                        NetnsInfo {
+                            name: Some(crate::sanitize::kernel_str(e.file_name().as_encoded_bytes())),
+                            handle: Some(Handle::Named(path)),
+                        },
+                    );
+                }
+            }
+        }
+        let Ok(procs) = fs::read_dir("/proc") else {
+            self.known = known;
+            return;
+        };
+        for p in procs.flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(tasks) = fs::read_dir(p.path().join("task")) else { continue };
+            for t in tasks.flatten() {
+                let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                    continue;
+                };
+                if let Some(ino) = inode(&t.path().join("ns/net")) {
+                    let info = known.entry(ino).or_default();
+                    if info.handle.is_none() {
+                        info.handle = Some(Handle::Task { pid, tid });
+                    }
+                }
+            }
+        }
+        self.known = known;
+    }
+
+    pub fn name(&self, netns: u32) -> Option<String> {
+        self.known.get(&netns).and_then(|i| i.name.clone())
+    }
+
+    /// Resolves `--netns` (an `ip netns` name, an inode number, or a path such as /proc/PID/ns/net).
+    pub fn resolve(&self, spec: &str) -> Result<u32, String> {
+        if let Ok(n) = spec.parse::<u32>() {
+            return Ok(n);
+        }
+        if spec.contains('/') {
+            return inode(Path::new(spec)).ok_or_else(|| format!("--netns {spec}: no such namespace file"));
+        }
+        self.known
+            .iter()
+            .find(|(_, i)| i.name.as_deref() == Some(spec))
+            .map(|(n, _)| *n)
+            .ok_or_else(|| {
+                format!("--netns {spec}: no such network namespace (see `ip netns list`, or pass an inode number)")
+            })
+    }
+
+    /// Reads the conntrack counters of `netns`.
+    pub fn read_stats(&self, netns: u32) -> anyhow::Result<CtStats> {
+        let info = self.known.get(&netns).context("unknown netns")?;
+        let text = match info.handle.as_ref().context("netns has no handle")? {
+            Handle::Task { pid, tid } => fs::read_to_string(format!("/proc/{pid}/task/{tid}/net/stat/nf_conntrack"))?,
+            Handle::Named(path) => read_in_netns(path, "/proc/thread-self/net/stat/nf_conntrack")?,
+        };
+        Ok(CtStats::parse(&text)?)
+    }
+}
+
+/// Reads `file` from inside the netns at `ns_path`, on a short-lived thread that enters it
+/// (setns affects only the calling thread, and the thread's netns dies with it).
+pub fn read_in_netns(ns_path: &Path, file: &str) -> anyhow::Result<String> {
+    let ns_path = ns_path.to_owned();
+    let file = file.to_owned();
+    std::thread::spawn(move || -> anyhow::Result<String> {
+        let f = fs::File::open(&ns_path).with_context(|| format!("cannot open {}", ns_path.display()))?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("cannot enter netns {}", ns_path.display()))?;
+        Ok(fs::read_to_string(&file)?)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("netns reader thread panicked"))?
+}
+
+/// Global `nf_conntrack_max` (it is not per netns; read it from the initial netns's view).
+pub fn conntrack_max() -> Option<u64> {
+    fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_inode_numbers_and_reports_unknown_names() {
+        let r = Registry::default();
+        assert_eq!(r.resolve("4026531840"), Ok(4026531840));
+        let err = r.resolve("no-such-ns").unwrap_err();
+        assert!(err.contains("no such network namespace"), "{err}");
+    }
+
+    #[test]
+    fn finds_own_netns_by_pid() {
+        let r = Registry::scan();
+        let me = current_inode().unwrap();
+        assert!(r.known.contains_key(&me));
+    }
+}

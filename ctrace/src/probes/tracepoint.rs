@@ -1,0 +1,151 @@
+//! Tracepoint mode: loads `skb_drop_kfree_skb` (tp_btf) with offsets from the running kernel's
+//! BTF, seeds the per-CPU baselines, and reads the exact in-kernel totals.
+
+use std::collections::HashMap;
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf},
+    programs::BtfTracePoint,
+};
+use ctrace_common::{CtStat, NetnsReasonKey, Reason};
+
+use crate::{btf::Btf, ctstat::CtStats, layout};
+
+/// The eBPF object, built by build.rs and embedded so the binary runs anywhere.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ctrace"));
+
+/// Filters compiled into the programs (0 = any).
+#[derive(Clone, Debug, Default)]
+pub struct KernelFilters {
+    pub netns: u32,
+    pub l4proto: u8,
+    pub port: u16,
+    pub host: Option<std::net::IpAddr>,
+    pub reasons: Vec<Reason>,
+}
+
+pub struct Tracer {
+    ebpf: Ebpf,
+}
+
+/// Indexes of the `LOSSES` map (see ctrace-ebpf/src/maps.rs).
+const LOST_EVENTS: u32 = 0;
+const LOST_NETNS_SPLIT: u32 = 1;
+
+impl Tracer {
+    /// Loads and attaches. `baselines` are the current counters of every netns that exists now.
+    pub fn start(filters: &KernelFilters, baselines: &HashMap<u32, CtStats>) -> anyhow::Result<Tracer> {
+        let btf = Btf::vmlinux().map_err(|e| {
+            anyhow!("this kernel has no usable BTF ({e}): ctrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y")
+        })?;
+        let (kernel_layout, _matcher) = layout::resolve(&btf)?;
+
+        let host_version: u32;
+        let mut host = [0u8; 16];
+        match filters.host {
+            Some(std::net::IpAddr::V4(a)) => {
+                host_version = 4;
+                host[..4].copy_from_slice(&a.octets());
+            }
+            Some(std::net::IpAddr::V6(a)) => {
+                host_version = 6;
+                host = a.octets();
+            }
+            None => host_version = 0,
+        }
+        let reasons: u32 = filters.reasons.iter().fold(0, |m, r| m | (1 << *r as u32));
+        let l4proto = filters.l4proto as u32;
+        let port = filters.port as u32;
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global("LAYOUT", &kernel_layout, true)
+            .override_global("FILTER_NETNS", &filters.netns, true)
+            .override_global("FILTER_L4PROTO", &l4proto, true)
+            .override_global("FILTER_PORT", &port, true)
+            .override_global("FILTER_REASONS", &reasons, true)
+            .override_global("FILTER_HOST_VERSION", &host_version, true)
+            .override_global("FILTER_HOST", &host, true)
+            .load(EBPF_OBJECT)
+            .context("the kernel refused ctrace's BPF programs")?;
+
+        seed_baselines(&mut ebpf, baselines)?;
+
+        let aya_btf = aya::Btf::from_sys_fs().context("cannot read /sys/kernel/btf/vmlinux")?;
+        let prog: &mut BtfTracePoint = ebpf
+            .program_mut("skb_drop_kfree_skb")
+            .context("program skb_drop_kfree_skb missing from the eBPF object")?
+            .try_into()?;
+        prog.load("kfree_skb", &aya_btf)
+            .context("cannot load the kfree_skb BTF tracepoint program (needs BTF tracepoints, Linux 5.5+)")?;
+        prog.attach().context("cannot attach to the skb:kfree_skb tracepoint")?;
+        Ok(Tracer { ebpf })
+    }
+
+    pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map("EVENTS").context("EVENTS map missing")?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    fn percpu_sum(&self, map: &str, index: u32) -> anyhow::Result<u64> {
+        let m: PerCpuArray<_, u64> = PerCpuArray::try_from(self.ebpf.map(map).context("map missing")?)?;
+        Ok(m.get(&index, 0)?.iter().sum())
+    }
+
+    /// Exact totals per reason, counted in the kernel whether or not events reached us.
+    pub fn reason_totals(&self) -> anyhow::Result<HashMap<Reason, u64>> {
+        let mut out = HashMap::new();
+        for r in Reason::ALL {
+            out.insert(r, self.percpu_sum("REASON_TOTALS", r as u32)?);
+        }
+        Ok(out)
+    }
+
+    /// Exact totals per (netns, reason).
+    pub fn netns_totals(&self) -> anyhow::Result<HashMap<(u32, Reason), u64>> {
+        let m: PerCpuHashMap<_, NetnsReasonKey, u64> =
+            PerCpuHashMap::try_from(self.ebpf.map("NETNS_TOTALS").context("NETNS_TOTALS missing")?)?;
+        let mut out = HashMap::new();
+        for item in m.iter() {
+            let (k, v) = item?;
+            if let Some(r) = Reason::from_u8(k.reason as u8) {
+                out.insert((k.netns, r), v.iter().sum());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Events that did not fit in the ring buffer.
+    pub fn lost_events(&self) -> anyhow::Result<u64> {
+        self.percpu_sum("LOSSES", LOST_EVENTS)
+    }
+
+    /// Drops whose per-netns split was not recorded (more netns than the map holds).
+    pub fn lost_netns_split(&self) -> anyhow::Result<u64> {
+        self.percpu_sum("LOSSES", LOST_NETNS_SPLIT)
+    }
+}
+
+/// Writes each netns's current per-CPU counters as the starting point of attribution.
+fn seed_baselines(ebpf: &mut Ebpf, baselines: &HashMap<u32, CtStats>) -> anyhow::Result<()> {
+    let ncpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+    let mut map: PerCpuHashMap<_, u32, CtStat> =
+        PerCpuHashMap::try_from(ebpf.map_mut("BASELINE").context("BASELINE map missing")?)?;
+    for (netns, stats) in baselines {
+        if stats.per_cpu.len() != ncpus {
+            // Cannot line rows up with CPUs: let the program start this netns from its first drop.
+            continue;
+        }
+        let values: Vec<CtStat> = (0..ncpus)
+            .map(|cpu| CtStat {
+                drop: stats.cpu(cpu, "drop") as u32,
+                invalid: stats.cpu(cpu, "invalid") as u32,
+                insert_failed: stats.cpu(cpu, "insert_failed") as u32,
+                early_drop: stats.cpu(cpu, "early_drop") as u32,
+            })
+            .collect();
+        map.insert(*netns, PerCpuValues::try_from(values)?, 0)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,277 @@
+//! Helpers for ctrace's real-kernel tests: throwaway network namespaces, sysctl guards that
+//! restore on every exit path (panics included), bounded traffic, and a ctrace child process.
+//!
+//! Every test traffic goes to loopback inside a netns the test created; every loop is bounded.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+
+/// The ctrace binary under test (`cargo xtask test` sets CTRACE_BIN).
+pub fn ctrace_bin() -> PathBuf {
+    let p = std::env::var_os("CTRACE_BIN")
+        .map(PathBuf::from)
+        .expect("CTRACE_BIN is not set: run these tests with `cargo xtask test`");
+    assert!(p.exists(), "CTRACE_BIN={} does not exist", p.display());
+    p
+}
+
+/// These tests need root; a skipped test would prove nothing, so they fail instead.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "real-kernel tests need root: run `sudo cargo xtask test`"
+    );
+}
+
+fn run(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("cannot run {}", args[0]))?;
+    if !out.status.success() {
+        bail!("`{}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A named netns (`ip netns add`), deleted on drop.
+pub struct TestNetns {
+    pub name: String,
+}
+
+impl TestNetns {
+    /// Creates the netns with loopback up and conntrack enabled by an iptables conntrack match.
+    pub fn new(tag: &str) -> anyhow::Result<TestNetns> {
+        let name = format!("ctrace-test-{}-{tag}", std::process::id());
+        run(&["ip", "netns", "add", &name])?;
+        let ns = TestNetns { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        ns.exec(&[
+            "iptables", "-w", "-A", "OUTPUT", "-m", "conntrack", "--ctstate", "NEW,ESTABLISHED,RELATED", "-j", "ACCEPT",
+        ])?;
+        Ok(ns)
+    }
+
+    pub fn exec(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        run(&full)
+    }
+
+    pub fn inode(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt as _;
+        fs::metadata(format!("/run/netns/{}", self.name)).map(|m| m.ino()).unwrap_or(0)
+    }
+
+    /// The kernel's conntrack counters of this netns, summed over CPUs.
+    pub fn counters(&self) -> anyhow::Result<Counters> {
+        Counters::parse(&self.exec(&["cat", "/proc/net/stat/nf_conntrack"])?)
+    }
+
+    /// Sends one datagram to each of `count` distinct destinations 127.(1+i>>16).(i>>8).i:port,
+    /// from a thread inside this netns. Returns the destinations used and how many sends failed.
+    pub fn udp_flows(&self, first: u32, count: u32, port: u16) -> anyhow::Result<(Vec<SocketAddrV4>, u32)> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || -> anyhow::Result<(Vec<SocketAddrV4>, u32)> {
+            let f = fs::File::open(&path)?;
+            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            let sock = UdpSocket::bind("127.0.0.1:0")?;
+            let mut sent = Vec::with_capacity(count as usize);
+            let mut failed = 0;
+            for i in first..first + count {
+                let dst = SocketAddrV4::new(Ipv4Addr::new(127, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8), port);
+                if sock.send_to(b"x", dst).is_err() {
+                    failed += 1;
+                }
+                sent.push(dst);
+            }
+            Ok((sent, failed))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("traffic thread panicked"))?
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = run(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub drop: u64,
+    pub early_drop: u64,
+    pub insert_failed: u64,
+    pub invalid: u64,
+}
+
+impl Counters {
+    pub fn parse(text: &str) -> anyhow::Result<Counters> {
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines.next().context("empty stat file")?.split_whitespace().collect();
+        let mut c = Counters::default();
+        for line in lines {
+            for (name, v) in header.iter().zip(line.split_whitespace()) {
+                let v = u64::from_str_radix(v, 16)?;
+                match *name {
+                    "drop" => c.drop += v,
+                    "early_drop" => c.early_drop += v,
+                    "insert_failed" => c.insert_failed += v,
+                    "invalid" => c.invalid += v,
+                    _ => {}
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    pub fn since(&self, before: &Counters) -> Counters {
+        Counters {
+            drop: self.drop - before.drop,
+            early_drop: self.early_drop - before.early_drop,
+            insert_failed: self.insert_failed - before.insert_failed,
+            invalid: self.invalid - before.invalid,
+        }
+    }
+}
+
+/// Sets a sysctl (by /proc/sys path) and restores the old value on drop, panics included.
+pub struct SysctlGuard {
+    path: String,
+    old: String,
+}
+
+impl SysctlGuard {
+    pub fn set(path: &str, value: &str) -> anyhow::Result<SysctlGuard> {
+        let old = fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
+        fs::write(path, value).with_context(|| format!("cannot write {path}"))?;
+        Ok(SysctlGuard {
+            path: path.to_owned(),
+            old: old.trim().to_owned(),
+        })
+    }
+}
+
+impl Drop for SysctlGuard {
+    fn drop(&mut self) {
+        if let Err(e) = fs::write(&self.path, &self.old) {
+            eprintln!("FAILED TO RESTORE {} to {}: {e}", self.path, self.old);
+        }
+    }
+}
+
+/// `ctrace run --json ...` as a child; stdout lines are collected as JSON values.
+pub struct Ctrace {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    pub events: Vec<Value>,
+}
+
+impl Ctrace {
+    /// Starts ctrace and waits (at most 30 s) until its probes are attached (the `mode` event).
+    pub fn start(args: &[&str]) -> anyhow::Result<Ctrace> {
+        let mut child = Command::new(ctrace_bin())
+            .arg("run")
+            .arg("--json")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("cannot start ctrace")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut c = Ctrace {
+            child,
+            lines: rx,
+            events: vec![],
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            match c.lines.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) => {
+                    let v: Value = serde_json::from_str(&line).with_context(|| format!("not JSON: {line}"))?;
+                    let is_mode = v["event"] == "mode";
+                    c.events.push(v);
+                    if is_mode {
+                        return Ok(c);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(status) = c.child.try_wait()? {
+                        bail!("ctrace exited before attaching: {status}");
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => bail!("ctrace closed stdout before attaching"),
+            }
+        }
+        bail!("ctrace did not attach within 30s")
+    }
+
+    /// Sends SIGINT and collects the rest of the output (at most 30 s). Returns the summary.
+    pub fn stop(mut self) -> anyhow::Result<(Vec<Value>, Value)> {
+        // Give the one-second counter poll a chance to see the last traffic.
+        std::thread::sleep(Duration::from_millis(1500));
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::SIGINT)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.lines.recv_timeout(Duration::from_millis(200)) {
+                Ok(line) => self
+                    .events
+                    .push(serde_json::from_str(&line).with_context(|| format!("not JSON: {line}"))?),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() > deadline => {
+                    let _ = self.child.kill();
+                    bail!("ctrace did not exit within 30s of SIGINT");
+                }
+                Err(_) => {}
+            }
+        }
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("ctrace exited with {status}");
+        }
+        let summaries: Vec<&Value> = self.events.iter().filter(|v| v["event"] == "summary").collect();
+        if summaries.len() != 1 {
+            bail!("expected exactly one summary, got {}", summaries.len());
+        }
+        let summary = summaries[0].clone();
+        Ok((std::mem::take(&mut self.events), summary))
+    }
+}
+
+impl Drop for Ctrace {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_sum_cpus() {
+        let text = "entries  invalid drop early_drop insert_failed\n00000001 00000001 00000002 00000003 00000000\n00000001 00000000 000000f0 00000000 00000001\n";
+        let c = Counters::parse(text).unwrap();
+        assert_eq!(c, Counters { drop: 242, early_drop: 3, insert_failed: 1, invalid: 1 });
+    }
+}

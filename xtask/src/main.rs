@@ -1,0 +1,63 @@
+//! `cargo xtask`: ctrace's build, run, packaging and test tasks.
+//!
+//! Everything the tasks need (nightly `rust-src`, a project-local bpf-linker, Debian packages) is installed by the
+//! tasks themselves, so a fresh machine only needs rustup and this repository.
+
+mod build;
+mod dist;
+mod run;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "ctrace's build, run, packaging and test tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Installs everything the other tasks need: nightly rust-src, bpf-linker (in .tools/), Debian packages.
+    Setup,
+    /// Builds the ctrace binary (target/{debug,release}/ctrace).
+    Build(build::BuildArgs),
+    /// Builds ctrace and runs it as root: `cargo xtask run -- demo`.
+    Run(run::RunArgs),
+    /// Builds one static binary with the eBPF object embedded: target/dist/ctrace.
+    Dist,
+    /// Runs the unit tests and the integration tests.
+    Test(test::TestArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let ws = workspace_root();
+    let result = match cli.command {
+        Command::Setup => setup::setup(&ws),
+        Command::Build(args) => build::build_cmd(&ws, &args),
+        Command::Run(args) => run::run(&ws, args),
+        Command::Dist => dist::dist(&ws).map(drop),
+        Command::Test(args) => test::test(&ws, &args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The Cargo workspace's root directory (the parent of xtask/).
+pub fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}

@@ -1,0 +1,157 @@
+//! `cargo xtask test`: the project's test steps, in order, with a summary.
+//!
+//! A step is one entry in [`STEPS`]: its name, its kind (which `--*-only` flag selects it), the Debian packages
+//! it needs and the function that runs it. Every step runs even when an earlier one failed; the command fails
+//! when any step failed.
+
+use crate::{build, setup};
+use anyhow::{Context, Result, bail, ensure};
+use clap::Args;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Packages the host integration tests use (netns, iptables rules, conntrack statistics).
+pub const HOST_PACKAGES: &[&str] = &["iptables", "conntrack", "iproute2"];
+/// Packages the VM tests use (QEMU, busybox initramfs, depmod).
+pub const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "kmod", "cpio"];
+
+#[derive(Args)]
+pub struct TestArgs {
+    /// Run only the tests that run on this machine: unit tests and host integration tests (no VM).
+    #[arg(long, conflicts_with_all = ["vm_only", "unit_only"])]
+    host_only: bool,
+    /// Run only the VM tests.
+    #[arg(long, conflicts_with = "unit_only")]
+    vm_only: bool,
+    /// Run only the unit tests (`cargo test` of the workspace's host crates).
+    #[arg(long)]
+    unit_only: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Unit,
+    Host,
+    Vm,
+}
+
+struct Step {
+    name: &'static str,
+    kind: Kind,
+    packages: &'static [&'static str],
+    run: fn(&Path) -> Result<()>,
+}
+
+const STEPS: &[Step] = &[
+    Step {
+        name: "unit tests",
+        kind: Kind::Unit,
+        packages: &[],
+        run: unit_tests,
+    },
+    Step {
+        name: "host integration tests",
+        kind: Kind::Host,
+        packages: HOST_PACKAGES,
+        run: host_tests,
+    },
+];
+
+pub fn test(ws: &Path, args: &TestArgs) -> Result<()> {
+    let kinds: &[Kind] = if args.unit_only {
+        &[Kind::Unit]
+    } else if args.host_only {
+        &[Kind::Unit, Kind::Host]
+    } else if args.vm_only {
+        &[Kind::Vm]
+    } else {
+        &[Kind::Unit, Kind::Host, Kind::Vm]
+    };
+    let steps: Vec<&Step> = STEPS
+        .iter()
+        .filter(|step| kinds.contains(&step.kind))
+        .collect();
+    ensure!(
+        !steps.is_empty(),
+        "no test step matches the options given (there are no VM test steps yet)"
+    );
+
+    let setup_start = Instant::now();
+    let mut packages: Vec<&str> = Vec::new();
+    for pkg in steps.iter().flat_map(|step| step.packages) {
+        if !packages.contains(pkg) {
+            packages.push(pkg);
+        }
+    }
+    setup::ensure_debian_packages(&packages)?;
+    setup::ebpf_env(ws)?;
+    let setup_time = setup_start.elapsed();
+
+    let mut results = Vec::new();
+    for step in &steps {
+        eprintln!("xtask: ==== {} ====", step.name);
+        let start = Instant::now();
+        let result = (step.run)(ws);
+        if let Err(err) = &result {
+            eprintln!("xtask: {} failed: {err:#}", step.name);
+        }
+        results.push((step.name, start.elapsed(), result));
+    }
+
+    eprintln!("xtask: ==== summary ====");
+    eprintln!("xtask: {:<8} {:<24} {}", "ok", "setup", secs(setup_time));
+    for (name, time, result) in &results {
+        let status = if result.is_ok() { "ok" } else { "FAILED" };
+        eprintln!("xtask: {status:<8} {name:<24} {}", secs(*time));
+    }
+    let failed = results
+        .iter()
+        .filter(|(_, _, result)| result.is_err())
+        .count();
+    if failed > 0 {
+        bail!("{failed} of {} test steps failed", results.len());
+    }
+    Ok(())
+}
+
+fn secs(time: Duration) -> String {
+    format!("{:.1} s", time.as_secs_f64())
+}
+
+/// `cargo test` of every host crate except the integration tests. ctrace-ebpf is excluded: it is a `no_std`
+/// program for the BPF target, built (and checked) by ctrace/build.rs.
+fn unit_tests(ws: &Path) -> Result<()> {
+    let mut cmd = build::cargo(ws)?;
+    cmd.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "ctrace-tests",
+        "--exclude",
+        "ctrace-ebpf",
+    ]);
+    setup::run(&mut cmd)
+}
+
+/// The integration tests in tests/ against a freshly built ctrace, one at a time (they share the host's
+/// conntrack settings). They need root: without it this step fails rather than skipping them.
+fn host_tests(ws: &Path) -> Result<()> {
+    ensure!(
+        setup::is_root(),
+        "the host integration tests need root (network namespaces, iptables, eBPF): run `cargo xtask test` as root"
+    );
+    let bin = build::build(ws, false)?;
+    let bin = bin
+        .canonicalize()
+        .with_context(|| format!("could not resolve {}", bin.display()))?;
+    let mut cmd = build::cargo(ws)?;
+    cmd.args([
+        "test",
+        "--package",
+        "ctrace-tests",
+        "--",
+        "--test-threads=1",
+    ])
+    .env("CTRACE_BIN", &bin);
+    setup::run(&mut cmd)
+}
