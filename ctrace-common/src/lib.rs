@@ -123,6 +123,18 @@ pub struct NetnsReasonKey {
 }
 
 pub const TASK_COMM_LEN: usize = 16;
+/// Bytes of kernel text kept per event (e.g. "invalid tcp flag combination").
+pub const DETAIL_LEN: usize = 64;
+
+/// What a kprobe on the conntrack path learned about a packet before it was freed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PendingVerdict {
+    pub ts_ns: u64,
+    pub reason: u8,
+    pub _pad: [u8; 7],
+    pub detail: [u8; DETAIL_LEN],
+}
 
 /// One dropped packet, as sent through the ring buffer.
 #[repr(C)]
@@ -151,6 +163,8 @@ pub struct DropEvent {
     pub dport: u16,
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
+    /// NUL-terminated kernel text about the drop (kprobe mode), empty otherwise.
+    pub detail: [u8; DETAIL_LEN],
 }
 
 #[cfg(feature = "user")]
@@ -161,6 +175,7 @@ mod pod {
     unsafe impl aya::Pod for super::CtStat {}
     unsafe impl aya::Pod for super::BaselineKey {}
     unsafe impl aya::Pod for super::NetnsReasonKey {}
+    unsafe impl aya::Pod for super::PendingVerdict {}
 }
 
 #[cfg(test)]
@@ -178,7 +193,7 @@ mod tests {
     #[test]
     fn abi_sizes_are_stable() {
         // The ring buffer record and the globals are an ABI between the two sides.
-        assert_eq!(core::mem::size_of::<DropEvent>(), 104);
+        assert_eq!(core::mem::size_of::<DropEvent>(), 168);
         assert_eq!(core::mem::size_of::<KernelLayout>(), 96);
     }
 }

@@ -85,3 +85,27 @@ pub fn filter_host_version() -> u32 {
 pub fn filter_host() -> [u8; 16] {
     unsafe { read_volatile(&raw const FILTER_HOST) }
 }
+
+/// Non-zero in kprobe mode: the kfree_skb program then prefers the verdicts the conntrack
+/// kprobes left for the packet over counter deltas.
+#[unsafe(no_mangle)]
+static KPROBE_MODE: u32 = 0;
+/// Argument index of `fmt` in nf_l4proto_log_invalid / nf_ct_l4proto_log_invalid (they moved
+/// in 5.15 when `state` was added); the first variadic argument follows it.
+#[unsafe(no_mangle)]
+static L4PROTO_LOG_INVALID_FMT: u32 = 3;
+#[unsafe(no_mangle)]
+static CT_L4PROTO_LOG_INVALID_FMT: u32 = 3;
+
+#[inline(always)]
+pub fn kprobe_mode() -> bool {
+    read_const(&raw const KPROBE_MODE) != 0
+}
+#[inline(always)]
+pub fn l4proto_log_invalid_fmt() -> u32 {
+    read_const(&raw const L4PROTO_LOG_INVALID_FMT)
+}
+#[inline(always)]
+pub fn ct_l4proto_log_invalid_fmt() -> u32 {
+    read_const(&raw const CT_L4PROTO_LOG_INVALID_FMT)
+}

@@ -43,7 +43,10 @@ pub fn bump(map: &PerCpuArray<u64>, index: u32) {
 
 #[inline(always)]
 pub fn bump_netns(netns: u32, reason: Reason) {
-    let key = NetnsReasonKey { netns, reason: reason as u32 };
+    let key = NetnsReasonKey {
+        netns,
+        reason: reason as u32,
+    };
     match NETNS_TOTALS.get_ptr_mut(key) {
         // SAFETY: this CPU's slot of a per-CPU hash.
         Some(p) => unsafe { *p += 1 },

@@ -106,7 +106,6 @@ impl RateLimiter {
         self.in_window = 0;
         flush
     }
-
 }
 
 #[cfg(test)]
@@ -129,6 +128,7 @@ mod tests {
             }),
             process: None,
             new_baseline: false,
+            detail: None,
         }
     }
 

@@ -10,10 +10,7 @@ use std::{collections::HashMap, path::Path};
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("malformed BTF: {0}")]
     Malformed(&'static str),
     #[error("kernel BTF has no {kind} named `{name}`")]
@@ -192,8 +189,11 @@ impl Btf {
                     for i in 0..vlen {
                         let m = off + i * 12;
                         let raw_off = rd_u32(types_sec, m + 8)?;
-                        let (bit_offset, bitfield_size) =
-                            if kind_flag { (raw_off & 0xff_ffff, raw_off >> 24) } else { (raw_off, 0) };
+                        let (bit_offset, bitfield_size) = if kind_flag {
+                            (raw_off & 0xff_ffff, raw_off >> 24)
+                        } else {
+                            (raw_off, 0)
+                        };
                         ty.members.push(Member {
                             name: rd_u32(types_sec, m)?,
                             type_id: rd_u32(types_sec, m + 4)?,
@@ -302,11 +302,10 @@ impl Btf {
         let mut bits = 0u32;
         let mut ty_name = name.to_owned();
         for member in path.split('.') {
-            let (m_bits, m_type, bitfield) =
-                self.find_member(id, member).ok_or_else(|| BtfError::NoMember {
-                    ty: ty_name.clone(),
-                    member: member.to_owned(),
-                })?;
+            let (m_bits, m_type, bitfield) = self.find_member(id, member).ok_or_else(|| BtfError::NoMember {
+                ty: ty_name.clone(),
+                member: member.to_owned(),
+            })?;
             if bitfield || m_bits % 8 != 0 {
                 return Err(BtfError::Bitfield {
                     ty: ty_name,
@@ -362,7 +361,6 @@ impl Btf {
                 name: value.to_owned(),
             })
     }
-
 }
 
 #[cfg(test)]
@@ -375,10 +373,7 @@ mod tests {
         let strs = b"\0int\0inner\0a\0b\0outer\0x\0in\0y\0e\0A\0B\0f\0long\0";
         let s = |name: &str| -> u32 {
             let needle = format!("\0{name}\0");
-            strs.windows(needle.len())
-                .position(|w| w == needle.as_bytes())
-                .unwrap() as u32
-                + 1
+            strs.windows(needle.len()).position(|w| w == needle.as_bytes()).unwrap() as u32 + 1
         };
         let mut t: Vec<u32> = vec![];
         // 1: int (4 bytes)
@@ -432,8 +427,14 @@ mod tests {
     #[test]
     fn reports_missing_and_bitfield_members() {
         let btf = Btf::parse(&sample(), None).unwrap();
-        assert!(matches!(btf.member_offset("outer", "nope"), Err(BtfError::NoMember { .. })));
-        assert!(matches!(btf.member_offset("outer", "y"), Err(BtfError::Bitfield { .. })));
+        assert!(matches!(
+            btf.member_offset("outer", "nope"),
+            Err(BtfError::NoMember { .. })
+        ));
+        assert!(matches!(
+            btf.member_offset("outer", "y"),
+            Err(BtfError::Bitfield { .. })
+        ));
         assert!(matches!(btf.member_offset("absent", "x"), Err(BtfError::NoType { .. })));
     }
 

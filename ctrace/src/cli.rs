@@ -30,6 +30,8 @@ pub enum Command {
 pub enum Mode {
     /// Pick the most exact mode this kernel supports.
     Auto,
+    /// Failure-only kprobes on nf_conntrack plus skb:kfree_skb (needs CONFIG_KPROBES).
+    Kprobe,
     /// skb:kfree_skb plus conntrack's per-CPU counters; works without kprobes.
     Tracepoint,
 }
@@ -128,11 +130,24 @@ mod tests {
     #[test]
     fn flags_parse_and_bad_values_are_usage_errors() {
         let cli = Cli::try_parse_from([
-            "ctrace", "run", "--json", "--duration", "10s", "--proto", "udp", "--port", "53", "--host", "::1",
-            "--reason", "table_full,invalid",
+            "ctrace",
+            "run",
+            "--json",
+            "--duration",
+            "10s",
+            "--proto",
+            "udp",
+            "--port",
+            "53",
+            "--host",
+            "::1",
+            "--reason",
+            "table_full,invalid",
         ])
         .unwrap();
-        let Command::Run(a) = cli.command else { panic!("run expected") };
+        let Command::Run(a) = cli.command else {
+            panic!("run expected")
+        };
         assert!(a.json);
         assert_eq!(a.proto, Some(17));
         assert_eq!(a.reason, vec![Reason::TableFull, Reason::Invalid]);

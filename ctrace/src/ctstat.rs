@@ -48,7 +48,11 @@ impl CtStats {
 
     /// Current number of entries (the `entries` column is the netns-wide count on every row).
     pub fn entries(&self) -> u64 {
-        self.per_cpu.first().and_then(|r| r.get("entries")).copied().unwrap_or(0)
+        self.per_cpu
+            .first()
+            .and_then(|r| r.get("entries"))
+            .copied()
+            .unwrap_or(0)
     }
 }
 
@@ -102,8 +106,17 @@ mod tests {
         let before = CtStats::parse(SAMPLE).unwrap();
         let after = CtStats::parse(&SAMPLE.replace("000000f1", "000000f5")).unwrap();
         let d = CounterDelta::between(&before, &after);
-        assert_eq!(d, CounterDelta { drop: 4, ..Default::default() });
-        assert!(CounterDelta::between(&after, &before).drop == 0, "a reset never goes negative");
+        assert_eq!(
+            d,
+            CounterDelta {
+                drop: 4,
+                ..Default::default()
+            }
+        );
+        assert!(
+            CounterDelta::between(&after, &before).drop == 0,
+            "a reset never goes negative"
+        );
     }
 
     #[test]

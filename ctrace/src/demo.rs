@@ -55,7 +55,10 @@ impl<'a> GlobalMaxGuard<'a> {
 impl Drop for GlobalMaxGuard<'_> {
     fn drop(&mut self) {
         if let Err(e) = write_sysctl(self.file, &self.old) {
-            eprintln!("ctrace: could not restore net.netfilter.nf_conntrack_max to {}: {e}; set it by hand", self.old);
+            eprintln!(
+                "ctrace: could not restore net.netfilter.nf_conntrack_max to {}: {e}; set it by hand",
+                self.old
+            );
         }
     }
 }
@@ -67,7 +70,11 @@ fn sh(args: &[&str]) -> anyhow::Result<()> {
         .output()
         .with_context(|| format!("cannot run {} (is it installed?)", args[0]))?;
     if !out.status.success() {
-        bail!("`{}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -115,9 +122,31 @@ fn traffic(
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).context("cannot create a network namespace")?;
     sh(&["ip", "link", "set", "lo", "up"])?;
     // Any conntrack match makes the kernel track this netns's traffic.
-    sh(&["iptables", "-w", "-A", "OUTPUT", "-m", "conntrack", "--ctstate", "NEW,ESTABLISHED,RELATED", "-j", "ACCEPT"])
-        .context("the demo needs iptables to enable conntrack in its netns")?;
-    sh(&["iptables", "-w", "-I", "OUTPUT", "-d", "127.0.0.9", "-p", "udp", "-j", "DROP"])?;
+    sh(&[
+        "iptables",
+        "-w",
+        "-A",
+        "OUTPUT",
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "NEW,ESTABLISHED,RELATED",
+        "-j",
+        "ACCEPT",
+    ])
+    .context("the demo needs iptables to enable conntrack in its netns")?;
+    sh(&[
+        "iptables",
+        "-w",
+        "-I",
+        "OUTPUT",
+        "-d",
+        "127.0.0.9",
+        "-p",
+        "udp",
+        "-j",
+        "DROP",
+    ])?;
     let _ = tell.send(Step::Netns(netns::current_inode()?));
     if go.recv().is_err() {
         return Ok(());
@@ -182,7 +211,12 @@ pub async fn run(args: DemoArgs, offset: time::UtcOffset) -> anyhow::Result<()> 
     let tell_rx = Arc::new(std::sync::Mutex::new(tell_rx));
     let recv = {
         let rx = tell_rx.clone();
-        move || rx.lock().map_err(|_| anyhow::anyhow!("demo channel poisoned"))?.recv().context("demo thread ended")
+        move || {
+            rx.lock()
+                .map_err(|_| anyhow::anyhow!("demo channel poisoned"))?
+                .recv()
+                .context("demo thread ended")
+        }
     };
     let netns = match tokio::task::spawn_blocking(recv.clone()).await?? {
         Step::Netns(n) => n,

@@ -64,6 +64,8 @@ pub struct Drop {
     pub flow: Option<Flow>,
     pub process: Option<Process>,
     pub new_baseline: bool,
+    /// The kernel's own words about the drop (kprobe mode), e.g. "invalid tcp flag combination".
+    pub detail: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -78,7 +80,7 @@ pub struct Flow {
 
 impl Flow {
     pub fn icmp_type_code(&self) -> Option<(u8, u8)> {
-        is_icmp(self.proto).then(|| ((self.dport >> 8) as u8, self.dport as u8))
+        is_icmp(self.proto).then_some(((self.dport >> 8) as u8, self.dport as u8))
     }
 
     pub fn src_string(&self) -> String {
@@ -122,7 +124,10 @@ pub fn decode(ev: &DropEvent) -> Option<Drop> {
                 IpAddr::V4(Ipv4Addr::new(ev.saddr[0], ev.saddr[1], ev.saddr[2], ev.saddr[3])),
                 IpAddr::V4(Ipv4Addr::new(ev.daddr[0], ev.daddr[1], ev.daddr[2], ev.daddr[3])),
             ),
-            6 => (IpAddr::V6(Ipv6Addr::from(ev.saddr)), IpAddr::V6(Ipv6Addr::from(ev.daddr))),
+            6 => (
+                IpAddr::V6(Ipv6Addr::from(ev.saddr)),
+                IpAddr::V6(Ipv6Addr::from(ev.daddr)),
+            ),
             _ => return None,
         };
         Some(Flow {
@@ -147,6 +152,7 @@ pub fn decode(ev: &DropEvent) -> Option<Drop> {
         flow,
         process,
         new_baseline: ev.flags & flags::NEW_BASELINE != 0,
+        detail: Some(kernel_str(&ev.detail)).filter(|s| !s.is_empty()),
     })
 }
 
@@ -164,7 +170,7 @@ mod tests {
             pid: 42,
             flags: flags::HEADERS_OK | flags::LOCAL_SENDER,
             delta: CtStat::default(),
-            comm: *b"py\x1bthon\0\0\0\0\0\0\0\0\0\0",
+            comm: *b"py\x1bthon\0\0\0\0\0\0\0\0\0",
             reason: Reason::TableFull as u8,
             ip_version: 4,
             l4proto: 17,
@@ -173,6 +179,7 @@ mod tests {
             dport: 53,
             saddr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             daddr: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            detail: [0; ctrace_common::DETAIL_LEN],
         }
     }
 
@@ -184,6 +191,7 @@ mod tests {
         assert_eq!(f.src_string(), "10.0.0.1:5000");
         assert_eq!(f.dst_string(), "10.0.0.2:53");
         assert_eq!(d.process.unwrap().comm, "py?thon");
+        assert_eq!(d.detail, None);
     }
 
     #[test]
@@ -195,7 +203,7 @@ mod tests {
         let f = decode(&ev).unwrap().flow.unwrap();
         assert_eq!(f.src_string(), "[::1]:5000");
         ev.l4proto = 58;
-        ev.dport = (128 << 8) | 0;
+        ev.dport = 128 << 8; // echo request, code 0
         let f = decode(&ev).unwrap().flow.unwrap();
         assert_eq!(f.icmp_type_code(), Some((128, 0)));
         assert_eq!(f.dst_string(), "2001:db8::1 type 128 code 0");

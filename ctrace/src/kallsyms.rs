@@ -18,7 +18,9 @@ fn find_range(lines: impl Iterator<Item = String>, name: &str) -> anyhow::Result
         let (Some(addr), Some(_kind), Some(sym)) = (it.next(), it.next(), it.next()) else {
             continue;
         };
-        let Ok(addr) = u64::from_str_radix(addr, 16) else { continue };
+        let Ok(addr) = u64::from_str_radix(addr, 16) else {
+            continue;
+        };
         if let Some(s) = start {
             if addr > s {
                 return Ok(Some((s, addr)));
@@ -28,6 +30,35 @@ fn find_range(lines: impl Iterator<Item = String>, name: &str) -> anyhow::Result
         }
     }
     Ok(None)
+}
+
+/// The exact text symbol for function `name`: the name itself or a compiler clone of it
+/// (`name.isra.0`, `name.constprop.0`), in vmlinux or a loaded module. None when absent.
+pub fn find_function(name: &str) -> anyhow::Result<Option<String>> {
+    let f = std::fs::File::open("/proc/kallsyms").context("cannot open /proc/kallsyms")?;
+    Ok(find_function_in(BufReader::new(f).lines().map_while(Result::ok), name))
+}
+
+fn find_function_in(lines: impl Iterator<Item = String>, name: &str) -> Option<String> {
+    let prefix = format!("{name}.");
+    let mut clone = None;
+    for line in lines {
+        let mut it = line.split_whitespace();
+        let (Some(_), Some(kind), Some(sym)) = (it.next(), it.next(), it.next()) else {
+            continue;
+        };
+        if !matches!(kind, "t" | "T") {
+            continue;
+        }
+        if sym == name {
+            return Some(sym.to_owned());
+        }
+        // Cold parts (`name.cold`) are not entry points.
+        if clone.is_none() && sym.starts_with(&prefix) && !sym.ends_with(".cold") {
+            clone = Some(sym.to_owned());
+        }
+    }
+    clone
 }
 
 #[cfg(test)]
@@ -47,6 +78,26 @@ mod tests {
             find_range(lines.into_iter(), "nf_hook_slow").unwrap(),
             Some((0xffffffff81000100, 0xffffffff81000180))
         );
+    }
+
+    #[test]
+    fn finds_exact_names_then_clones_never_cold_parts() {
+        let lines = || {
+            [
+                "ffffffff81000000 t init_conntrack.cold",
+                "ffffffff81000100 t init_conntrack.isra.0\t[nf_conntrack]",
+                "ffffffff81000200 t early_drop\t[nf_conntrack]",
+                "ffffffff81000300 d early_drop_data",
+            ]
+            .map(String::from)
+            .into_iter()
+        };
+        assert_eq!(find_function_in(lines(), "early_drop").as_deref(), Some("early_drop"));
+        assert_eq!(
+            find_function_in(lines(), "init_conntrack").as_deref(),
+            Some("init_conntrack.isra.0")
+        );
+        assert_eq!(find_function_in(lines(), "nf_ct_resolve_clash"), None);
     }
 
     #[test]

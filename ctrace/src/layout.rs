@@ -23,17 +23,15 @@ pub fn resolve(btf: &Btf) -> anyhow::Result<(KernelLayout, DropMatch)> {
         skb_network_header: off("sk_buff", "network_header")?,
         skb_transport_header: off("sk_buff", "transport_header")?,
         skb_protocol: off("sk_buff", "protocol")?,
-        skb_nfct: off("sk_buff", "_nfct").context(
-            "this kernel has no skb->_nfct: it was built without netfilter connection tracking",
-        )?,
+        skb_nfct: off("sk_buff", "_nfct")
+            .context("this kernel has no skb->_nfct: it was built without netfilter connection tracking")?,
         skb_refdst: off("sk_buff", "_skb_refdst")?,
         dev_nd_net: off("net_device", "nd_net.net")?,
         sk_net: off("sock", "__sk_common.skc_net.net")?,
         dst_dev: off("dst_entry", "dev")?,
         net_inum: off("net", "ns.inum")?,
-        net_ct_stat: off("net", "ct.stat").context(
-            "this kernel's struct net has no conntrack state (CONFIG_NF_CONNTRACK is off)",
-        )?,
+        net_ct_stat: off("net", "ct.stat")
+            .context("this kernel's struct net has no conntrack state (CONFIG_NF_CONNTRACK is off)")?,
         stat_invalid: off("ip_conntrack_stat", "invalid")?,
         stat_insert_failed: off("ip_conntrack_stat", "insert_failed")?,
         stat_drop: off("ip_conntrack_stat", "drop")?,
@@ -49,9 +47,8 @@ pub fn resolve(btf: &Btf) -> anyhow::Result<(KernelLayout, DropMatch)> {
             DropMatch::Reason(v as u32)
         }
         Err(_) => {
-            let (start, end) = crate::kallsyms::symbol_range("nf_hook_slow")?.context(
-                "this kernel has neither drop reasons nor a visible nf_hook_slow symbol in /proc/kallsyms",
-            )?;
+            let (start, end) = crate::kallsyms::symbol_range("nf_hook_slow")?
+                .context("this kernel has neither drop reasons nor a visible nf_hook_slow symbol in /proc/kallsyms")?;
             l.nf_hook_slow_start = start;
             l.nf_hook_slow_end = end;
             DropMatch::Location { start, end }

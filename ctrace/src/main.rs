@@ -29,7 +29,11 @@ use output::Output;
 
 fn make_output(json: bool, offset: time::UtcOffset) -> Output {
     let stdout: Box<dyn std::io::Write + Send> = Box::new(std::io::stdout());
-    if json { Output::json(stdout) } else { Output::text(stdout, offset) }
+    if json {
+        Output::json(stdout)
+    } else {
+        Output::text(stdout, offset)
+    }
 }
 
 /// The local UTC offset, read while the process is still single-threaded (the `time` crate
@@ -49,7 +53,11 @@ fn main() -> ExitCode {
     }
     privileges::raise_memlock();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("ctrace: cannot start the async runtime: {e}");

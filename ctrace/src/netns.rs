@@ -16,7 +16,10 @@ use crate::ctstat::CtStats;
 pub enum Handle {
     Named(PathBuf),
     /// A task (thread) inside the netns: threads can be in other netns than their process.
-    Task { pid: u32, tid: u32 },
+    Task {
+        pid: u32,
+        tid: u32,
+    },
 }
 
 #[derive(Clone, Debug, Default)]
@@ -73,7 +76,9 @@ impl Registry {
             let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                 continue;
             };
-            let Ok(tasks) = fs::read_dir(p.path().join("task")) else { continue };
+            let Ok(tasks) = fs::read_dir(p.path().join("task")) else {
+                continue;
+            };
             for t in tasks.flatten() {
                 let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
                     continue;

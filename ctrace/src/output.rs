@@ -22,8 +22,14 @@ pub struct DropContext {
 }
 
 pub enum Output {
-    Text { out: Box<dyn Write + Send>, offset: UtcOffset, header_done: bool },
-    Json { out: Box<dyn Write + Send> },
+    Text {
+        out: Box<dyn Write + Send>,
+        offset: UtcOffset,
+        header_done: bool,
+    },
+    Json {
+        out: Box<dyn Write + Send>,
+    },
 }
 
 fn rfc3339(t: OffsetDateTime) -> String {
@@ -64,7 +70,11 @@ fn reasons_json(drops: &std::collections::BTreeMap<Reason, u64>) -> Value {
 
 impl Output {
     pub fn text(out: Box<dyn Write + Send>, offset: UtcOffset) -> Output {
-        Output::Text { out, offset, header_done: false }
+        Output::Text {
+            out,
+            offset,
+            header_done: false,
+        }
     }
 
     pub fn json(out: Box<dyn Write + Send>) -> Output {
@@ -110,8 +120,8 @@ impl Output {
         if !*done {
             let _ = writeln!(
                 out,
-                "{:<12}  {:<24}  {:<14}  {:<6}  {:<28}  {:<28}  {:<20}  {}",
-                "TIME", "NETNS", "REASON", "PROTO", "SOURCE", "DESTINATION", "PROCESS", "TABLE"
+                "{:<12}  {:<24}  {:<14}  {:<6}  {:<28}  {:<28}  {:<20}  TABLE",
+                "TIME", "NETNS", "REASON", "PROTO", "SOURCE", "DESTINATION", "PROCESS"
             );
             *done = true;
         }
@@ -119,7 +129,11 @@ impl Output {
 
     pub fn drop(&mut self, ts: OffsetDateTime, d: &Drop, ctx: &DropContext) {
         match self {
-            Output::Text { out, offset, header_done } => {
+            Output::Text {
+                out,
+                offset,
+                header_done,
+            } => {
                 Self::text_header(out, header_done);
                 let t = ts.to_offset(*offset);
                 let (proto, src, dst) = match &d.flow {
@@ -132,9 +146,10 @@ impl Output {
                     .map(|p| format!("{}[{}]", p.comm, p.pid))
                     .unwrap_or_else(|| "-".into());
                 let table = ctx.table.map(|(c, m)| format!("{c}/{m}")).unwrap_or_else(|| "-".into());
+                let detail = d.detail.as_ref().map(|s| format!("  \"{s}\"")).unwrap_or_default();
                 let _ = writeln!(
                     out,
-                    "{:02}:{:02}:{:02}.{:03}  {:<24}  {:<14}  {:<6}  {:<28}  {:<28}  {:<20}  {}",
+                    "{:02}:{:02}:{:02}.{:03}  {:<24}  {:<14}  {:<6}  {:<28}  {:<28}  {:<20}  {}{}",
                     t.hour(),
                     t.minute(),
                     t.second(),
@@ -145,7 +160,8 @@ impl Output {
                     src,
                     dst,
                     process,
-                    table
+                    table,
+                    detail
                 );
                 let _ = out.flush();
             }
@@ -170,6 +186,9 @@ impl Output {
                     m.insert("table_count".into(), json!(c));
                     m.insert("table_max".into(), json!(max));
                 }
+                if let Some(text) = &d.detail {
+                    m.insert("detail".into(), json!(text));
+                }
                 m.insert("cpu".into(), json!(d.cpu));
                 Self::emit(out, Value::Object(m));
             }
@@ -180,7 +199,11 @@ impl Output {
     /// in tracepoint mode).
     pub fn counted_drops(&mut self, ts: OffsetDateTime, reason: Reason, netns: u32, ctx: &DropContext, count: u64) {
         match self {
-            Output::Text { out, offset, header_done } => {
+            Output::Text {
+                out,
+                offset,
+                header_done,
+            } => {
                 Self::text_header(out, header_done);
                 let t = ts.to_offset(*offset);
                 let table = ctx.table.map(|(c, m)| format!("{c}/{m}")).unwrap_or_else(|| "-".into());
@@ -224,7 +247,11 @@ impl Output {
     pub fn aggregate(&mut self, ts: OffsetDateTime, key: &AggKey, v: &AggValue, ctx: &DropContext) {
         let ports = describe_ports(key.proto, v);
         match self {
-            Output::Text { out, offset, header_done } => {
+            Output::Text {
+                out,
+                offset,
+                header_done,
+            } => {
                 Self::text_header(out, header_done);
                 let t = ts.to_offset(*offset);
                 let dst = match (key.dst, &ports) {
@@ -402,7 +429,11 @@ pub fn summary_text(s: &Summary) -> String {
                 o,
                 "  {:<24} {}{}",
                 netns_label(n.netns, &n.name),
-                if reasons.is_empty() { "-".to_owned() } else { reasons.join(" ") },
+                if reasons.is_empty() {
+                    "-".to_owned()
+                } else {
+                    reasons.join(" ")
+                },
                 kernel
             );
         }
@@ -431,13 +462,21 @@ pub fn summary_text(s: &Summary) -> String {
         }
     }
     if s.untracked > 0 {
-        let _ = writeln!(o, "  ({} drops of further flows are in the totals but not in the top lists)", s.untracked);
+        let _ = writeln!(
+            o,
+            "  ({} drops of further flows are in the totals but not in the top lists)",
+            s.untracked
+        );
     }
     let _ = writeln!(
         o,
         "events lost: {}{}",
         s.lost,
-        if s.lost > 0 { " (ring buffer full; totals above are still exact)" } else { "" }
+        if s.lost > 0 {
+            " (ring buffer full; totals above are still exact)"
+        } else {
+            ""
+        }
     );
     o
 }
@@ -473,8 +512,12 @@ mod tests {
                 sport: 5000,
                 dport: 53,
             }),
-            process: Some(crate::event::Process { pid: 7, comm: "dig".into() }),
+            process: Some(crate::event::Process {
+                pid: 7,
+                comm: "dig".into(),
+            }),
             new_baseline: false,
+            detail: None,
         }
     }
 
@@ -540,13 +583,26 @@ mod tests {
     fn text_line_shows_flow_process_and_fill() {
         let buf = Buf::default();
         let mut o = Output::text(Box::new(buf.clone()), UtcOffset::UTC);
-        o.drop(OffsetDateTime::UNIX_EPOCH, &sample_drop(), &DropContext {
-            netns_name: Some("blue".into()),
-            table: Some((64, 64)),
-        });
+        o.drop(
+            OffsetDateTime::UNIX_EPOCH,
+            &sample_drop(),
+            &DropContext {
+                netns_name: Some("blue".into()),
+                table: Some((64, 64)),
+            },
+        );
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         let line = text.lines().nth(1).unwrap();
-        for part in ["00:00:00.000", "4026532177 (blue)", "table_full", "udp", "127.0.0.1:5000", "127.0.0.1:53", "dig[7]", "64/64"] {
+        for part in [
+            "00:00:00.000",
+            "4026532177 (blue)",
+            "table_full",
+            "udp",
+            "127.0.0.1:5000",
+            "127.0.0.1:53",
+            "dig[7]",
+            "64/64",
+        ] {
             assert!(line.contains(part), "{part} missing in {line}");
         }
     }

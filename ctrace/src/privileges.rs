@@ -15,9 +15,14 @@ pub fn missing() -> Vec<&'static str> {
     let caps = effective_caps().unwrap_or(0);
     let has = |c: u32| caps & (1u64 << c) != 0;
     let mut missing = vec![];
-    for (c, name) in [(CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN")] {
+    for (c, name) in [
+        (CAP_BPF, "CAP_BPF"),
+        (CAP_PERFMON, "CAP_PERFMON"),
+        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+    ] {
         // CAP_SYS_ADMIN also covers BPF and perfmon on kernels before 5.8.
-        if !has(c) && !(c != CAP_SYS_ADMIN && has(CAP_SYS_ADMIN)) {
+        let covered = has(c) || (c != CAP_SYS_ADMIN && has(CAP_SYS_ADMIN));
+        if !covered {
             missing.push(name);
         }
     }

@@ -22,7 +22,10 @@ use crate::{
     event,
     netns::{self, Registry},
     output::{DropContext, Output},
-    probes::{self, tracepoint::{KernelFilters, Tracer}},
+    probes::{
+        self,
+        tracepoint::{KernelFilters, Tracer},
+    },
     summary::{NetnsSummary, Summary, Tally},
 };
 
@@ -88,7 +91,7 @@ pub async fn run(args: RunArgs, mut out: Output, hooks: Hooks) -> anyhow::Result
         }
     }
 
-    let choice = probes::choose(args.mode);
+    let choice = probes::choose(args.mode)?;
     let filters = KernelFilters {
         netns: netns_filter.unwrap_or(0),
         l4proto: args.proto.unwrap_or(0),
@@ -96,10 +99,10 @@ pub async fn run(args: RunArgs, mut out: Output, hooks: Hooks) -> anyhow::Result
         host: args.host,
         reasons: args.reason.clone(),
     };
-    let mut tracer = Tracer::start(&filters, &watched.first)?;
+    let mut tracer = Tracer::start(&choice.plan, &filters, &watched.first)?;
     let clock = Clock::now();
     let started = Instant::now();
-    out.mode(choice.name, &choice.why, choice.exactness);
+    out.mode(choice.name(), &choice.why, choice.exactness());
     if let Some(tx) = ready {
         let _ = tx.send(());
     }
@@ -180,7 +183,7 @@ pub async fn run(args: RunArgs, mut out: Output, hooks: Hooks) -> anyhow::Result
                 }
                 max = netns::conntrack_max();
                 print_aggregates(&mut out, now, flush.aggregates, |n| ctx_for(&registry, &fill, max, n));
-                if ticks % 5 == 0 {
+                if ticks.is_multiple_of(5) {
                     registry.rescan();
                 }
                 for (netns, delta) in poll_counters(&registry, &mut watched, &mut fill, &wanted) {
@@ -212,7 +215,9 @@ pub async fn run(args: RunArgs, mut out: Output, hooks: Hooks) -> anyhow::Result
             }
         }
         let flush = limiter.tick();
-        print_aggregates(&mut out, OffsetDateTime::now_utc(), flush.aggregates, |n| ctx_for(&registry, &fill, max, n));
+        print_aggregates(&mut out, OffsetDateTime::now_utc(), flush.aggregates, |n| {
+            ctx_for(&registry, &fill, max, n)
+        });
     }
     let totals = tracer.reason_totals()?;
     let per_netns = tracer.netns_totals()?;
@@ -231,7 +236,7 @@ pub async fn run(args: RunArgs, mut out: Output, hooks: Hooks) -> anyhow::Result
     }
 
     let mut summary = Summary {
-        mode: choice.name.to_owned(),
+        mode: choice.name().to_owned(),
         duration_s: started.elapsed().as_secs_f64(),
         lost,
         top_flows: tally.top_flows(),
@@ -255,7 +260,11 @@ pub async fn run(args: RunArgs, mut out: Output, hooks: Hooks) -> anyhow::Result
         }
         if early_drop_wanted && delta.early_drop > 0 {
             early_total += delta.early_drop;
-            by_netns.entry(*n).or_default().drops.insert(Reason::EarlyDrop, delta.early_drop);
+            by_netns
+                .entry(*n)
+                .or_default()
+                .drops
+                .insert(Reason::EarlyDrop, delta.early_drop);
         }
         by_netns.entry(*n).or_default().kernel = Some(delta);
     }
@@ -286,10 +295,18 @@ fn print_aggregates(
     ctx: impl Fn(u32) -> DropContext,
 ) {
     aggs.sort_by(|a, b| b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(&b.0)));
-    let rest = if aggs.len() > MAX_AGGREGATE_LINES { aggs.split_off(MAX_AGGREGATE_LINES) } else { vec![] };
+    let rest = if aggs.len() > MAX_AGGREGATE_LINES {
+        aggs.split_off(MAX_AGGREGATE_LINES)
+    } else {
+        vec![]
+    };
     let mut folded: BTreeMap<AggKey, AggValue> = BTreeMap::new();
     for (k, v) in rest {
-        let key = AggKey { proto: None, dst: None, ..k };
+        let key = AggKey {
+            proto: None,
+            dst: None,
+            ..k
+        };
         let e = folded.entry(key).or_default();
         e.count += v.count;
         e.others += 1 + v.others;

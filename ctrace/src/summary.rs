@@ -113,6 +113,7 @@ mod tests {
             }),
             process: None,
             new_baseline: false,
+            detail: None,
         }
     }
 

@@ -39,7 +39,11 @@ fn run(args: &[&str]) -> anyhow::Result<String> {
         .output()
         .with_context(|| format!("cannot run {}", args[0]))?;
     if !out.status.success() {
-        bail!("`{}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -57,7 +61,16 @@ impl TestNetns {
         let ns = TestNetns { name };
         ns.exec(&["ip", "link", "set", "lo", "up"])?;
         ns.exec(&[
-            "iptables", "-w", "-A", "OUTPUT", "-m", "conntrack", "--ctstate", "NEW,ESTABLISHED,RELATED", "-j", "ACCEPT",
+            "iptables",
+            "-w",
+            "-A",
+            "OUTPUT",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "NEW,ESTABLISHED,RELATED",
+            "-j",
+            "ACCEPT",
         ])?;
         Ok(ns)
     }
@@ -70,7 +83,9 @@ impl TestNetns {
 
     pub fn inode(&self) -> u64 {
         use std::os::unix::fs::MetadataExt as _;
-        fs::metadata(format!("/run/netns/{}", self.name)).map(|m| m.ino()).unwrap_or(0)
+        fs::metadata(format!("/run/netns/{}", self.name))
+            .map(|m| m.ino())
+            .unwrap_or(0)
     }
 
     /// The kernel's conntrack counters of this netns, summed over CPUs.
@@ -229,7 +244,10 @@ impl Ctrace {
     pub fn stop(mut self) -> anyhow::Result<(Vec<Value>, Value)> {
         // Give the one-second counter poll a chance to see the last traffic.
         std::thread::sleep(Duration::from_millis(1500));
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::SIGINT)?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::SIGINT,
+        )?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match self.lines.recv_timeout(Duration::from_millis(200)) {
@@ -272,6 +290,14 @@ mod tests {
     fn counters_sum_cpus() {
         let text = "entries  invalid drop early_drop insert_failed\n00000001 00000001 00000002 00000003 00000000\n00000001 00000000 000000f0 00000000 00000001\n";
         let c = Counters::parse(text).unwrap();
-        assert_eq!(c, Counters { drop: 242, early_drop: 3, insert_failed: 1, invalid: 1 });
+        assert_eq!(
+            c,
+            Counters {
+                drop: 242,
+                early_drop: 3,
+                insert_failed: 1,
+                invalid: 1
+            }
+        );
     }
 }

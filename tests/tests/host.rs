@@ -8,7 +8,9 @@ use serde_json::Value;
 const MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
 
 fn drops<'a>(events: &'a [Value], reason: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
-    events.iter().filter(move |v| v["event"] == "drop" && v["reason"] == reason)
+    events
+        .iter()
+        .filter(move |v| v["event"] == "drop" && v["reason"] == reason)
 }
 
 /// Overflows a throwaway netns's table: table_full must equal the kernel's `drop` delta and
@@ -34,9 +36,15 @@ fn overflow_totals_equal_kernel_counters() {
     let delta = ns.counters().unwrap().since(&before);
     println!("kernel deltas {delta:?}; summary {summary}");
 
-    assert!(delta.drop > 0 && delta.early_drop > 0, "the kernel saw no drops: {delta:?}");
+    assert!(
+        delta.drop > 0 && delta.early_drop > 0,
+        "the kernel saw no drops: {delta:?}"
+    );
     assert_eq!(summary["drops"]["table_full"], delta.drop, "table_full vs kernel drop");
-    assert_eq!(summary["drops"]["early_drop"], delta.early_drop, "early_drop vs kernel early_drop");
+    assert_eq!(
+        summary["drops"]["early_drop"], delta.early_drop,
+        "early_drop vs kernel early_drop"
+    );
     assert_eq!(summary["drops"]["netfilter_rule"], 0);
     assert_eq!(summary["lost"], 0);
 
@@ -60,7 +68,9 @@ fn ruleset_drops_are_not_conntrack_drops() {
     require_root();
     let ruled = TestNetns::new("rule").unwrap();
     ruled
-        .exec(&["iptables", "-w", "-I", "OUTPUT", "-p", "udp", "--dport", "7", "-j", "DROP"])
+        .exec(&[
+            "iptables", "-w", "-I", "OUTPUT", "-p", "udp", "--dport", "7", "-j", "DROP",
+        ])
         .unwrap();
     let ctrace = Ctrace::start(&["--rate-limit", "0", "--proto", "udp", "--port", "7"]).unwrap();
     let before = ruled.counters().unwrap();

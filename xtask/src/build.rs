@@ -31,19 +31,14 @@ pub fn build(ws: &Path, release: bool) -> Result<PathBuf> {
     let bin = target_dir(ws)
         .join(if release { "release" } else { "debug" })
         .join("ctrace");
-    ensure!(
-        bin.is_file(),
-        "cargo built ctrace but {} does not exist",
-        bin.display()
-    );
+    ensure!(bin.is_file(), "cargo built ctrace but {} does not exist", bin.display());
     Ok(bin)
 }
 
 /// A cargo command run in the workspace with the environment ctrace's eBPF build needs (bpf-linker on PATH).
 pub fn cargo(ws: &Path) -> Result<Command> {
     let env = setup::ebpf_env(ws)?;
-    let mut cmd =
-        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));
     cmd.current_dir(ws).envs(env);
     Ok(cmd)
 }

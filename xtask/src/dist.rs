@@ -14,8 +14,7 @@ pub fn dist(ws: &Path) -> Result<PathBuf> {
     let dir = build::target_dir(ws).join("dist");
     fs::create_dir_all(&dir).with_context(|| format!("could not create {}", dir.display()))?;
     let dest = dir.join("ctrace");
-    fs::copy(&built, &dest)
-        .with_context(|| format!("could not copy {} to {}", built.display(), dest.display()))?;
+    fs::copy(&built, &dest).with_context(|| format!("could not copy {} to {}", built.display(), dest.display()))?;
     let size = fs::metadata(&dest)
         .with_context(|| format!("could not stat {}", dest.display()))?
         .len();
@@ -58,10 +57,7 @@ pub fn build_static(ws: &Path) -> Result<PathBuf> {
 pub fn ensure_static(bin: &Path) -> Result<()> {
     const PT_INTERP: u32 = 3;
     let elf = fs::read(bin).with_context(|| format!("could not read {}", bin.display()))?;
-    let u16_at = |off: usize| {
-        elf.get(off..off + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]))
-    };
+    let u16_at = |off: usize| elf.get(off..off + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
     let u32_at = |off: usize| {
         elf.get(off..off + 4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -109,11 +105,7 @@ mod tests {
 
     #[test]
     fn a_non_elf_file_is_rejected() {
-        let err = ensure_static(std::path::Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/Cargo.toml"
-        )))
-        .unwrap_err();
+        let err = ensure_static(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))).unwrap_err();
         assert!(err.to_string().contains("not a 64-bit"), "{err:#}");
     }
 }

@@ -14,10 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(
-    name = "cargo xtask",
-    about = "ctrace's build, run, packaging and test tasks"
-)]
+#[command(name = "cargo xtask", about = "ctrace's build, run, packaging and test tasks")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -14,11 +14,7 @@ pub struct RunArgs {
     #[arg(long)]
     release: bool,
     /// Arguments for ctrace (put them after `--`).
-    #[arg(
-        trailing_var_arg = true,
-        allow_hyphen_values = true,
-        value_name = "CTRACE_ARGS"
-    )]
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "CTRACE_ARGS")]
     args: Vec<OsString>,
 }
 

@@ -97,8 +97,7 @@ impl NightlyLlvm {
             .and_then(|major| major.parse().ok())
             .with_context(|| format!("could not read the LLVM major version from {llvm:?}"))?;
 
-        let sysroot =
-            capture(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--print", "sysroot"]))?;
+        let sysroot = capture(Command::new("rustup").args(["run", NIGHTLY, "rustc", "--print", "sysroot"]))?;
         let lib_dir = Path::new(sysroot.trim()).join("lib");
         let prefix = format!("libLLVM-{major}-rust-");
         let mut candidates: Vec<String> = fs::read_dir(&lib_dir)
@@ -109,10 +108,7 @@ impl NightlyLlvm {
         candidates.sort();
         let file_name = match candidates.as_slice() {
             [one] => one.clone(),
-            [] => bail!(
-                "the {NIGHTLY} toolchain has no {prefix}*.so in {}",
-                lib_dir.display()
-            ),
+            [] => bail!("the {NIGHTLY} toolchain has no {prefix}*.so in {}", lib_dir.display()),
             many => bail!(
                 "the {NIGHTLY} toolchain has several LLVM libraries in {}: {many:?}",
                 lib_dir.display()
@@ -127,10 +123,7 @@ impl NightlyLlvm {
 
     /// The name for `-l dylib=`: the file name without `lib` and `.so`.
     fn link_name(&self) -> &str {
-        let name = self
-            .file_name
-            .strip_prefix("lib")
-            .unwrap_or(&self.file_name);
+        let name = self.file_name.strip_prefix("lib").unwrap_or(&self.file_name);
         name.strip_suffix(".so").unwrap_or(name)
     }
 }
@@ -144,16 +137,14 @@ pub fn ensure_bpf_linker(ws: &Path) -> Result<PathBuf> {
     let stamp = root.join("built-for");
     let llvm = NightlyLlvm::detect()?;
     let wanted = format!("bpf-linker {BPF_LINKER_VERSION} {}\n", llvm.file_name);
-    let current =
-        || fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) && linker_version(&exe).is_ok();
+    let current = || fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) && linker_version(&exe).is_ok();
     if current() {
         return Ok(bin_dir);
     }
 
     fs::create_dir_all(&root).with_context(|| format!("could not create {}", root.display()))?;
     let lock_path = root.join(".lock");
-    let lock = File::create(&lock_path)
-        .with_context(|| format!("could not create {}", lock_path.display()))?;
+    let lock = File::create(&lock_path).with_context(|| format!("could not create {}", lock_path.display()))?;
     lock.lock()
         .with_context(|| format!("could not lock {}", lock_path.display()))?;
     // Another xtask may have built it while this one waited for the lock.
@@ -169,10 +160,7 @@ pub fn ensure_bpf_linker(ws: &Path) -> Result<PathBuf> {
     );
     fs::remove_file(&stamp).ok();
     // CARGO_ENCODED_RUSTFLAGS (0x1f-separated) rather than RUSTFLAGS: a sysroot path may contain spaces.
-    let lib_dir = llvm
-        .lib_dir
-        .to_str()
-        .context("the nightly sysroot path is not UTF-8")?;
+    let lib_dir = llvm.lib_dir.to_str().context("the nightly sysroot path is not UTF-8")?;
     let rustflags = [
         "-L".to_string(),
         format!("native={lib_dir}"),
@@ -200,9 +188,7 @@ pub fn ensure_bpf_linker(ws: &Path) -> Result<PathBuf> {
         output(&mut cmd)
     };
     if let Err(err) = install(true) {
-        eprintln!(
-            "xtask: `cargo install --locked bpf-linker` failed ({err:#}); retrying without --locked"
-        );
+        eprintln!("xtask: `cargo install --locked bpf-linker` failed ({err:#}); retrying without --locked");
         install(false).context("could not build bpf-linker")?;
     }
     let version = linker_version(&exe).context("the freshly built bpf-linker does not run")?;
@@ -279,18 +265,15 @@ static EBPF_ENV: Mutex<Option<Vec<(OsString, OsString)>>> = Mutex::new(None);
 /// The environment for every cargo command that builds ctrace (its build.rs builds the eBPF object with nightly and
 /// bpf-linker): `PATH` with the project's bpf-linker first. Ensures the toolchain and bpf-linker on first use.
 pub fn ebpf_env(ws: &Path) -> Result<Vec<(OsString, OsString)>> {
-    let mut cached = EBPF_ENV
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut cached = EBPF_ENV.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if let Some(env) = cached.as_ref() {
         return Ok(env.clone());
     }
     ensure_toolchain()?;
     let bin_dir = ensure_bpf_linker(ws)?;
     let path = std::env::var_os("PATH").unwrap_or_default();
-    let path =
-        std::env::join_paths(std::iter::once(bin_dir.clone()).chain(std::env::split_paths(&path)))
-            .with_context(|| format!("could not put {} on PATH", bin_dir.display()))?;
+    let path = std::env::join_paths(std::iter::once(bin_dir.clone()).chain(std::env::split_paths(&path)))
+        .with_context(|| format!("could not put {} on PATH", bin_dir.display()))?;
     let env = vec![(OsString::from("PATH"), path)];
     *cached = Some(env.clone());
     Ok(env)
@@ -306,10 +289,7 @@ pub fn is_root() -> bool {
 pub fn describe(cmd: &Command) -> String {
     let quote = |s: &OsStr| {
         let s = s.to_string_lossy();
-        if !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_=+./:@,".contains(c))
-        {
+        if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_=+./:@,".contains(c)) {
             s.into_owned()
         } else {
             format!("'{}'", s.replace('\'', r"'\''"))
@@ -334,8 +314,7 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 /// Runs `cmd` and returns its stdout; on failure the error carries the end of its stderr.
 pub fn capture(cmd: &mut Command) -> Result<String> {
     let out = output(cmd)?;
-    String::from_utf8(out.stdout)
-        .with_context(|| format!("`{}` printed non-UTF-8 output", describe(cmd)))
+    String::from_utf8(out.stdout).with_context(|| format!("`{}` printed non-UTF-8 output", describe(cmd)))
 }
 
 /// Runs `cmd` with stdout and stderr captured; on failure the error carries the end of its stderr.

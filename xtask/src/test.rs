@@ -67,10 +67,7 @@ pub fn test(ws: &Path, args: &TestArgs) -> Result<()> {
     } else {
         &[Kind::Unit, Kind::Host, Kind::Vm]
     };
-    let steps: Vec<&Step> = STEPS
-        .iter()
-        .filter(|step| kinds.contains(&step.kind))
-        .collect();
+    let steps: Vec<&Step> = STEPS.iter().filter(|step| kinds.contains(&step.kind)).collect();
     ensure!(
         !steps.is_empty(),
         "no test step matches the options given (there are no VM test steps yet)"
@@ -104,10 +101,7 @@ pub fn test(ws: &Path, args: &TestArgs) -> Result<()> {
         let status = if result.is_ok() { "ok" } else { "FAILED" };
         eprintln!("xtask: {status:<8} {name:<24} {}", secs(*time));
     }
-    let failed = results
-        .iter()
-        .filter(|(_, _, result)| result.is_err())
-        .count();
+    let failed = results.iter().filter(|(_, _, result)| result.is_err()).count();
     if failed > 0 {
         bail!("{failed} of {} test steps failed", results.len());
     }
@@ -145,13 +139,7 @@ fn host_tests(ws: &Path) -> Result<()> {
         .canonicalize()
         .with_context(|| format!("could not resolve {}", bin.display()))?;
     let mut cmd = build::cargo(ws)?;
-    cmd.args([
-        "test",
-        "--package",
-        "ctrace-tests",
-        "--",
-        "--test-threads=1",
-    ])
-    .env("CTRACE_BIN", &bin);
+    cmd.args(["test", "--package", "ctrace-tests", "--", "--test-threads=1"])
+        .env("CTRACE_BIN", &bin);
     setup::run(&mut cmd)
 }

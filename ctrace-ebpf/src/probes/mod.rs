@@ -1,2 +1,3 @@
 //! One module per kernel area. Program names are `<area>_<hook>`.
+pub mod conntrack;
 pub mod skb_drop;

@@ -17,7 +17,12 @@ use aya_ebpf::{
 };
 use ctrace_common::{CtStat, DropEvent, Reason, TASK_COMM_LEN, flags};
 
-use crate::{filter, globals::layout, maps, packet, percpu};
+use crate::{
+    filter,
+    globals::{self, layout},
+    maps, packet, percpu,
+    probes::conntrack::{FRESH_NS, PENDING_SKB, TABLE_FULL_MARK},
+};
 
 #[inline(always)]
 unsafe fn read_u64(addr: u64) -> Option<u64> {
@@ -76,7 +81,11 @@ unsafe fn try_kfree_skb(ctx: &BtfTracePointContext) {
         } else {
             core::ptr::null()
         };
-        let netns = if net.is_null() { 0 } else { field_u32(net, layout!(net_inum)) };
+        let netns = if net.is_null() {
+            0
+        } else {
+            field_u32(net, layout!(net_inum))
+        };
         if !filter::wants_netns(netns) {
             return;
         }
@@ -97,10 +106,22 @@ unsafe fn try_kfree_skb(ctx: &BtfTracePointContext) {
             ev.comm = bpf_get_current_comm().unwrap_or([0u8; TASK_COMM_LEN]);
         }
 
-        let reason = if net.is_null() {
+        // Counters are read in every mode: they keep the per-CPU baselines current.
+        let by_counters = if net.is_null() {
             Reason::NetfilterRule
         } else {
             attribute(net, netns, &mut ev)
+        };
+        let reason = if globals::kprobe_mode() {
+            match kprobe_verdict(skb as u64, &mut ev) {
+                Some(r) => {
+                    ev.flags |= flags::FROM_KPROBE;
+                    r
+                }
+                None => by_counters,
+            }
+        } else {
+            by_counters
         };
         if !filter::wants_reason(reason) {
             return;
@@ -115,6 +136,30 @@ unsafe fn try_kfree_skb(ctx: &BtfTracePointContext) {
         if maps::EVENTS.output::<DropEvent>(&ev, 0).is_err() {
             maps::bump(&maps::LOSSES, maps::LOST_EVENTS);
         }
+    }
+}
+
+/// The verdict a conntrack kprobe left for this packet (by skb) or for this task (table full),
+/// if it is fresh. Consumed either way.
+#[inline(always)]
+unsafe fn kprobe_verdict(skb: u64, ev: &mut DropEvent) -> Option<Reason> {
+    unsafe {
+        if let Some(p) = PENDING_SKB.get(skb) {
+            let (ts, reason, detail) = (p.ts_ns, p.reason, p.detail);
+            let _ = PENDING_SKB.remove(skb);
+            if ev.ts_ns.wrapping_sub(ts) < FRESH_NS {
+                ev.detail = detail;
+                return Reason::from_u8(reason);
+            }
+        }
+        let id = bpf_get_current_pid_tgid();
+        if let Some(ts) = TABLE_FULL_MARK.get(id).copied() {
+            let _ = TABLE_FULL_MARK.remove(id);
+            if ev.ts_ns.wrapping_sub(ts) < FRESH_NS {
+                return Some(Reason::TableFull);
+            }
+        }
+        None
     }
 }
 
@@ -176,7 +221,11 @@ fn classify(d: &CtStat, has_ct: bool) -> Reason {
     if d.insert_failed != 0 {
         Reason::InsertFailed
     } else if d.drop != 0 {
-        if d.invalid != 0 { Reason::Invalid } else { Reason::TableFull }
+        if d.invalid != 0 {
+            Reason::Invalid
+        } else {
+            Reason::TableFull
+        }
     } else if d.invalid != 0 && !has_ct {
         Reason::Invalid
     } else {

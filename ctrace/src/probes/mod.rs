@@ -1,24 +1,51 @@
 //! Probe modes: which kernel hooks ctrace uses on this kernel, and why.
 //!
-//! | mode        | hooks                                                    | needs                      |
-//! |-------------|----------------------------------------------------------|----------------------------|
-//! | tracepoint  | tp_btf `kfree_skb` + conntrack's per-CPU `ct.stat`       | BTF, tp_btf (5.5+)         |
+//! | mode       | hooks                                                                  | needs               |
+//! |------------|------------------------------------------------------------------------|---------------------|
+//! | kprobe     | tp_btf `kfree_skb` + failure-only kprobes on nf_conntrack (`early_drop` | CONFIG_KPROBES,     |
+//! |            | return, `nf_ct_resolve_clash`, `nf_(ct_)l4proto_log_invalid`)          | nf_conntrack loaded |
+//! | tracepoint | tp_btf `kfree_skb` + conntrack's per-CPU `ct.stat` counters            | BTF, tp_btf (5.5+)  |
 //!
-//! The kprobe mode (failure-only kprobes on nf_conntrack's insert and drop paths) and the fentry
-//! mode are planned on top of the same drop sink; `choose` says which one runs and why.
+//! Both modes see every dropped packet at the same sink; kprobe mode adds exact per-packet
+//! verdicts and the kernel's reason text. fentry is never used on nf_conntrack's functions: it
+//! would pin the module, so `modprobe -r nf_conntrack` would fail while ctrace runs.
 
+pub mod kprobe;
 pub mod tracepoint;
 
 use std::path::Path;
+
+use anyhow::bail;
 
 use crate::cli::Mode;
 
 /// The mode that will run, with the sentences the user sees.
 #[derive(Clone, Debug)]
 pub struct Choice {
-    pub name: &'static str,
+    pub plan: Plan,
     pub why: String,
-    pub exactness: &'static str,
+}
+
+#[derive(Clone, Debug)]
+pub enum Plan {
+    Tracepoint,
+    Kprobe(kprobe::Symbols),
+}
+
+impl Choice {
+    pub fn name(&self) -> &'static str {
+        match self.plan {
+            Plan::Tracepoint => "tracepoint",
+            Plan::Kprobe(_) => "kprobe",
+        }
+    }
+
+    pub fn exactness(&self) -> &'static str {
+        match self.plan {
+            Plan::Tracepoint => TRACEPOINT_EXACTNESS,
+            Plan::Kprobe(_) => KPROBE_EXACTNESS,
+        }
+    }
 }
 
 pub const TRACEPOINT_EXACTNESS: &str = "how exact: every packet that netfilter drops is seen at skb:kfree_skb; \
@@ -26,25 +53,55 @@ conntrack's per-CPU counters tell conntrack drops (table_full, insert_failed, in
 (netfilter_rule), exact per packet unless a sender migrates CPU inside the netfilter hook; early_drop \
 evictions are counted from the kernel counters each second, without the evicted flow.";
 
+pub const KPROBE_EXACTNESS: &str = "how exact: every packet that netfilter drops is seen at skb:kfree_skb; \
+kprobes on early_drop, nf_ct_resolve_clash and nf_(ct_)l4proto_log_invalid name table_full, unresolved \
+clashes and invalid packets exactly per packet, with the kernel's reason text; other insert failures and \
+ruleset drops are told apart by conntrack's per-CPU counters; early_drop evictions are counted from the \
+kernel counters each second, without the evicted flow.";
+
 /// Kprobes are usable when the kernel exposes the kprobe PMU (CONFIG_KPROBE_EVENTS).
 pub fn kernel_has_kprobes() -> bool {
     Path::new("/sys/bus/event_source/devices/kprobe").exists()
 }
 
-pub fn choose(requested: Mode) -> Choice {
-    let why = match requested {
-        Mode::Tracepoint => "requested with --mode tracepoint".to_owned(),
-        Mode::Auto if !kernel_has_kprobes() => {
-            "this kernel has no kprobes (CONFIG_KPROBES is off), so drops are seen at the skb:kfree_skb tracepoint"
-                .to_owned()
+pub fn choose(requested: Mode) -> anyhow::Result<Choice> {
+    let has_kprobes = kernel_has_kprobes();
+    let symbols = if has_kprobes { kprobe::Symbols::find()? } else { None };
+    let plan_why = match (requested, symbols) {
+        (Mode::Tracepoint, _) => (Plan::Tracepoint, "requested with --mode tracepoint".to_owned()),
+        (Mode::Kprobe | Mode::Auto, Some(s)) => {
+            let why = format!(
+                "{}; kprobes on nf_conntrack's failure paths ({}) and drops at the skb:kfree_skb tracepoint",
+                if requested == Mode::Kprobe {
+                    "requested with --mode kprobe"
+                } else {
+                    "this kernel has kprobes"
+                },
+                s.describe()
+            );
+            (Plan::Kprobe(s), why)
         }
-        Mode::Auto => "kprobes exist on this kernel, but this build of ctrace implements only the tracepoint \
-mode; drops are seen at the skb:kfree_skb tracepoint"
-            .to_owned(),
+        (Mode::Kprobe, None) if !has_kprobes => {
+            bail!("kprobe mode needs a kernel with CONFIG_KPROBES and this one has none: use --mode tracepoint")
+        }
+        (Mode::Kprobe, None) => bail!(
+            "kprobe mode needs nf_conntrack loaded (early_drop is not in /proc/kallsyms): load it with \
+`modprobe nf_conntrack` or use --mode tracepoint"
+        ),
+        (Mode::Auto, None) if !has_kprobes => (
+            Plan::Tracepoint,
+            "this kernel has no kprobes (CONFIG_KPROBES is off), so drops are seen at the skb:kfree_skb tracepoint"
+                .to_owned(),
+        ),
+        (Mode::Auto, None) => (
+            Plan::Tracepoint,
+            "nf_conntrack is not loaded (early_drop is not in /proc/kallsyms), so its functions cannot be \
+probed; drops are seen at the skb:kfree_skb tracepoint"
+                .to_owned(),
+        ),
     };
-    Choice {
-        name: "tracepoint",
-        why,
-        exactness: TRACEPOINT_EXACTNESS,
-    }
+    Ok(Choice {
+        plan: plan_why.0,
+        why: plan_why.1,
+    })
 }

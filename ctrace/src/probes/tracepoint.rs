@@ -1,5 +1,6 @@
-//! Tracepoint mode: loads `skb_drop_kfree_skb` (tp_btf) with offsets from the running kernel's
-//! BTF, seeds the per-CPU baselines, and reads the exact in-kernel totals.
+//! Loads the programs: the `skb_drop_kfree_skb` sink (tp_btf, every mode) with offsets from the
+//! running kernel's BTF, plus the conntrack kprobes in kprobe mode; seeds the per-CPU baselines;
+//! reads the exact in-kernel totals.
 
 use std::collections::HashMap;
 
@@ -36,7 +37,11 @@ const LOST_NETNS_SPLIT: u32 = 1;
 
 impl Tracer {
     /// Loads and attaches. `baselines` are the current counters of every netns that exists now.
-    pub fn start(filters: &KernelFilters, baselines: &HashMap<u32, CtStats>) -> anyhow::Result<Tracer> {
+    pub fn start(
+        plan: &super::Plan,
+        filters: &KernelFilters,
+        baselines: &HashMap<u32, CtStats>,
+    ) -> anyhow::Result<Tracer> {
         let btf = Btf::vmlinux().map_err(|e| {
             anyhow!("this kernel has no usable BTF ({e}): ctrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y")
         })?;
@@ -58,6 +63,11 @@ impl Tracer {
         let reasons: u32 = filters.reasons.iter().fold(0, |m, r| m | (1 << *r as u32));
         let l4proto = filters.l4proto as u32;
         let port = filters.port as u32;
+        let kprobe_mode: u32 = matches!(plan, super::Plan::Kprobe(_)).into();
+        let release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let (l4_fmt, ct_l4_fmt) = super::kprobe::log_invalid_fmt_args(&release);
 
         let mut ebpf = EbpfLoader::new()
             .override_global("LAYOUT", &kernel_layout, true)
@@ -67,6 +77,9 @@ impl Tracer {
             .override_global("FILTER_REASONS", &reasons, true)
             .override_global("FILTER_HOST_VERSION", &host_version, true)
             .override_global("FILTER_HOST", &host, true)
+            .override_global("KPROBE_MODE", &kprobe_mode, true)
+            .override_global("L4PROTO_LOG_INVALID_FMT", &l4_fmt, true)
+            .override_global("CT_L4PROTO_LOG_INVALID_FMT", &ct_l4_fmt, true)
             .load(EBPF_OBJECT)
             .context("the kernel refused ctrace's BPF programs")?;
 
@@ -80,6 +93,9 @@ impl Tracer {
         prog.load("kfree_skb", &aya_btf)
             .context("cannot load the kfree_skb BTF tracepoint program (needs BTF tracepoints, Linux 5.5+)")?;
         prog.attach().context("cannot attach to the skb:kfree_skb tracepoint")?;
+        if let super::Plan::Kprobe(symbols) = plan {
+            super::kprobe::attach_all(&mut ebpf, symbols)?;
+        }
         Ok(Tracer { ebpf })
     }
 

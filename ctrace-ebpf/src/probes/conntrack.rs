@@ -1,0 +1,139 @@
+//! kprobe mode: failure-only probes on nf_conntrack that name the exact reason of a drop before
+//! the packet reaches the kfree_skb sink. None of them runs for traffic that is not dropped or
+//! judged invalid. kprobes do not pin the nf_conntrack module (fentry would).
+//!
+//! Hooked prototypes (6.1; userspace picks argument indexes per kernel):
+//! - `static noinline int early_drop(struct net *net, unsigned int hash)`: returns 0 when nothing
+//!   could be evicted, and the caller then drops the packet: table full.
+//! - `static __cold noinline int nf_ct_resolve_clash(struct sk_buff *skb, struct nf_conntrack_tuple_hash *h,
+//!   u32 repl_idx)` (5.10+): NF_DROP = unresolved clash, insert_failed.
+//! - `void nf_l4proto_log_invalid(const struct sk_buff *skb, const struct nf_hook_state *state,
+//!   u8 protonum, const char *fmt, ...)` and `void nf_ct_l4proto_log_invalid(const struct sk_buff *skb,
+//!   const struct nf_conn *ct, const struct nf_hook_state *state, const char *fmt, ...)`: the kernel's
+//!   reason text for an invalid packet (called whether or not `nf_conntrack_log_invalid` is set).
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes},
+    macros::{kprobe, kretprobe, map},
+    maps::LruHashMap,
+    programs::{ProbeContext, RetProbeContext},
+};
+use ctrace_common::{DETAIL_LEN, PendingVerdict, Reason};
+
+use crate::globals::{ct_l4proto_log_invalid_fmt, l4proto_log_invalid_fmt};
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: no preconditions; the helper only reads the clock.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Verdicts for a packet, keyed by skb address; consumed by the kfree_skb program.
+#[map]
+pub static PENDING_SKB: LruHashMap<u64, PendingVerdict> = LruHashMap::with_max_entries(4096, 0);
+
+/// "early_drop found nothing to evict" for the task (pid_tgid) whose packet is about to be dropped.
+#[map]
+pub static TABLE_FULL_MARK: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
+
+/// skb of an nf_ct_resolve_clash call in progress, keyed by pid_tgid (kretprobes see no arguments).
+#[map]
+static CLASH_SKB: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
+
+/// A verdict older than this is not about the packet being freed (the skb address was reused).
+pub const FRESH_NS: u64 = 1_000_000;
+
+const NF_DROP: i32 = 0;
+
+#[kretprobe]
+pub fn conntrack_early_drop_ret(ctx: RetProbeContext) -> u32 {
+    let evicted: i32 = ctx.ret();
+    if evicted == 0 {
+        let _ = TABLE_FULL_MARK.insert(bpf_get_current_pid_tgid(), now_ns(), 0);
+    }
+    0
+}
+
+#[kprobe]
+pub fn conntrack_resolve_clash(ctx: ProbeContext) -> u32 {
+    if let Some(skb) = ctx.arg::<u64>(0) {
+        let _ = CLASH_SKB.insert(bpf_get_current_pid_tgid(), skb, 0);
+    }
+    0
+}
+
+#[kretprobe]
+pub fn conntrack_resolve_clash_ret(ctx: RetProbeContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: plain value copied out of the map.
+    let Some(skb) = (unsafe { CLASH_SKB.get(id) }).copied() else {
+        return 0;
+    };
+    let _ = CLASH_SKB.remove(id);
+    let verdict: i32 = ctx.ret();
+    if verdict == NF_DROP {
+        let mut v = PendingVerdict {
+            ts_ns: now_ns(),
+            reason: Reason::InsertFailed as u8,
+            _pad: [0; 7],
+            detail: [0; DETAIL_LEN],
+        };
+        let text = b"unresolved clash";
+        v.detail[..text.len()].copy_from_slice(text);
+        let _ = PENDING_SKB.insert(skb, v, 0);
+    }
+    0
+}
+
+#[kprobe]
+pub fn conntrack_l4proto_log_invalid(ctx: ProbeContext) -> u32 {
+    record_invalid(&ctx, l4proto_log_invalid_fmt());
+    0
+}
+
+#[kprobe]
+pub fn conntrack_ct_l4proto_log_invalid(ctx: ProbeContext) -> u32 {
+    record_invalid(&ctx, ct_l4proto_log_invalid_fmt());
+    0
+}
+
+/// (fmt, first variadic argument) for `fmt` at argument `fmt_idx`. Every candidate register is
+/// read with a constant offset first: the verifier rejects context loads at computed offsets.
+#[inline(always)]
+fn fmt_and_first_vararg(ctx: &ProbeContext, fmt_idx: u32) -> (u64, u64) {
+    let a2: u64 = core::hint::black_box(ctx.arg(2).unwrap_or(0));
+    let a3: u64 = core::hint::black_box(ctx.arg(3).unwrap_or(0));
+    let a4: u64 = core::hint::black_box(ctx.arg(4).unwrap_or(0));
+    let a5: u64 = core::hint::black_box(ctx.arg(5).unwrap_or(0));
+    match fmt_idx {
+        2 => (a2, a3),
+        3 => (a3, a4),
+        4 => (a4, a5),
+        _ => (0, 0),
+    }
+}
+
+#[inline(always)]
+fn record_invalid(ctx: &ProbeContext, fmt_idx: u32) {
+    let Some(skb) = ctx.arg::<u64>(0) else { return };
+    let mut v = PendingVerdict {
+        ts_ns: now_ns(),
+        reason: Reason::Invalid as u8,
+        _pad: [0; 7],
+        detail: [0; DETAIL_LEN],
+    };
+    let (fmt, first_vararg) = fmt_and_first_vararg(ctx, fmt_idx);
+    // SAFETY: the helper bounds the read and faults are handled by the kernel.
+    unsafe {
+        if bpf_probe_read_kernel_str_bytes(fmt as *const u8, &mut v.detail).is_ok()
+            && v.detail[0] == b'%'
+            && v.detail[1] == b's'
+            && v.detail[2] == 0
+        {
+            // The usual shape is ("%s", msg): the text is the first variadic argument.
+            v.detail = [0; DETAIL_LEN];
+            let _ = bpf_probe_read_kernel_str_bytes(first_vararg as *const u8, &mut v.detail);
+        }
+    }
+    let _ = PENDING_SKB.insert(skb, v, 0);
+}
