@@ -131,6 +131,9 @@ pub const DETAIL_LEN: usize = 64;
 #[derive(Clone, Copy, Debug)]
 pub struct PendingVerdict {
     pub ts_ns: u64,
+    /// `bpf_get_current_pid_tgid()` of the context that judged the packet: the free happens in
+    /// the same context, so a verdict left by another context is about another packet.
+    pub task: u64,
     pub reason: u8,
     pub _pad: [u8; 7],
     pub detail: [u8; DETAIL_LEN],

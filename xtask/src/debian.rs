@@ -28,11 +28,7 @@ pub enum KernelSpec {
 }
 
 impl KernelSpec {
-    pub const ALL: [KernelSpec; 3] = [
-        KernelSpec::Debian510,
-        KernelSpec::Debian61,
-        KernelSpec::Debian612,
-    ];
+    pub const ALL: [KernelSpec; 3] = [KernelSpec::Debian510, KernelSpec::Debian61, KernelSpec::Debian612];
 
     /// The name used on the command line: "5.10", "6.1" or "6.12".
     pub fn short_name(self) -> &'static str {
@@ -180,8 +176,7 @@ fn extract(package: &str, deb: &Path, dir: &Path) -> Result<()> {
     let root = dir.join("root");
     for stale in [&tmp, &root] {
         if stale.exists() {
-            fs::remove_dir_all(stale)
-                .with_context(|| format!("could not remove {}", stale.display()))?;
+            fs::remove_dir_all(stale).with_context(|| format!("could not remove {}", stale.display()))?;
         }
     }
     run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&tmp))?;
@@ -194,25 +189,17 @@ fn extract(package: &str, deb: &Path, dir: &Path) -> Result<()> {
     }
     let version = single_kernel_version(&tmp.join("lib/modules"))?;
     let vmlinuz = tmp.join("boot").join(format!("vmlinuz-{version}"));
-    ensure!(
-        vmlinuz.is_file(),
-        "{} has no {}",
-        deb.display(),
-        vmlinuz.display()
-    );
+    ensure!(vmlinuz.is_file(), "{} has no {}", deb.display(), vmlinuz.display());
     run(Command::new("depmod").arg("-b").arg(&tmp).arg(&version))?;
 
-    fs::rename(&tmp, &root)
-        .with_context(|| format!("could not rename {} to {}", tmp.display(), root.display()))?;
+    fs::rename(&tmp, &root).with_context(|| format!("could not rename {} to {}", tmp.display(), root.display()))?;
     fs::write(dir.join(READY_MARKER), format!("{package}\n{version}\n"))?;
     Ok(())
 }
 
 fn single_kernel_version(modules: &Path) -> Result<String> {
     let mut versions = Vec::new();
-    for entry in fs::read_dir(modules)
-        .with_context(|| format!("the package has no {}", modules.display()))?
-    {
+    for entry in fs::read_dir(modules).with_context(|| format!("the package has no {}", modules.display()))? {
         let entry = entry?;
         if entry.path().is_dir() {
             versions.push(entry.file_name().to_string_lossy().into_owned());
@@ -244,8 +231,7 @@ impl Apt {
         };
         let state = cache_root.join(format!(".apt-{suite}"));
         let lists = state.join("lists");
-        fs::create_dir_all(lists.join("partial"))
-            .with_context(|| format!("could not create {}", lists.display()))?;
+        fs::create_dir_all(lists.join("partial")).with_context(|| format!("could not create {}", lists.display()))?;
         let sources = state.join("sources.list");
         let (archive, security) = host_mirrors();
         let signed_by = if Path::new(DEBIAN_KEYRING).is_file() {
@@ -255,9 +241,7 @@ impl Apt {
         };
         fs::write(
             &sources,
-            format!(
-                "deb {signed_by}{archive} {suite} main\ndeb {signed_by}{security} {suite}-security main\n"
-            ),
+            format!("deb {signed_by}{archive} {suite} main\ndeb {signed_by}{security} {suite}-security main\n"),
         )?;
         let options = [
             format!("Dir::Etc::sourcelist={}", sources.display()),
@@ -280,8 +264,7 @@ impl Apt {
     fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(program);
         // The download directory is not readable by apt's `_apt` sandbox user.
-        cmd.args(["-o", "APT::Sandbox::User=root"])
-            .args(&self.options);
+        cmd.args(["-o", "APT::Sandbox::User=root"]).args(&self.options);
         cmd
     }
 
@@ -308,8 +291,7 @@ impl Apt {
     fn resolve(&self, meta: &str) -> Result<String> {
         let out = output(self.command("apt-cache").args(["depends", meta]))
             .with_context(|| format!("apt knows no package {meta}"))?;
-        image_dependency(&out)
-            .with_context(|| format!("{meta} depends on no linux-image package:\n{out}"))
+        image_dependency(&out).with_context(|| format!("{meta} depends on no linux-image package:\n{out}"))
     }
 
     fn download(&self, package: &str, dir: &Path) -> Result<PathBuf> {
@@ -331,10 +313,7 @@ impl Apt {
                 return Ok(path);
             }
         }
-        bail!(
-            "apt-get download {package} left no {prefix}*.deb in {}",
-            dir.display()
-        )
+        bail!("apt-get download {package} left no {prefix}*.deb in {}", dir.display())
     }
 }
 
@@ -343,11 +322,7 @@ const DEBIAN_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 /// Picks the versioned image package out of `apt-cache depends` output.
 fn image_dependency(apt_cache_depends: &str) -> Option<String> {
     apt_cache_depends.lines().find_map(|line| {
-        let dep = line
-            .trim()
-            .trim_start_matches('|')
-            .strip_prefix("Depends:")?
-            .trim();
+        let dep = line.trim().trim_start_matches('|').strip_prefix("Depends:")?.trim();
         let dep = dep.trim_start_matches('<').trim_end_matches('>');
         dep.starts_with("linux-image-").then(|| dep.to_string())
     })
@@ -385,10 +360,7 @@ fn parse_one_line(text: &str) -> Vec<AptSource> {
     let mut out = Vec::new();
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("").trim();
-        let Some(rest) = line
-            .strip_prefix("deb ")
-            .or_else(|| line.strip_prefix("deb\t"))
-        else {
+        let Some(rest) = line.strip_prefix("deb ").or_else(|| line.strip_prefix("deb\t")) else {
             continue;
         };
         let rest = rest.trim_start();
@@ -410,17 +382,12 @@ fn parse_one_line(text: &str) -> Vec<AptSource> {
 
 fn parse_deb822(text: &str) -> Vec<AptSource> {
     let mut out = Vec::new();
-    let lines: Vec<&str> = text
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#'))
-        .collect();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim_start().starts_with('#')).collect();
     for stanza in lines.split(|l| l.trim().is_empty()) {
         let field = |name: &str| {
             stanza.iter().find_map(|l| {
                 let (key, value) = l.split_once(':')?;
-                key.trim()
-                    .eq_ignore_ascii_case(name)
-                    .then(|| value.trim().to_string())
+                key.trim().eq_ignore_ascii_case(name).then(|| value.trim().to_string())
             })
         };
         let is_deb = field("Types").is_some_and(|t| t.split_whitespace().any(|t| t == "deb"));
@@ -449,8 +416,7 @@ fn pick_mirrors(sources: &[AptSource], codename: &str) -> (String, String) {
     };
     (
         find(codename).unwrap_or_else(|| "http://deb.debian.org/debian".to_string()),
-        find(&format!("{codename}-security"))
-            .unwrap_or_else(|| "http://deb.debian.org/debian-security".to_string()),
+        find(&format!("{codename}-security")).unwrap_or_else(|| "http://deb.debian.org/debian-security".to_string()),
     )
 }
 
@@ -505,14 +471,8 @@ mod tests {
     #[test]
     fn parses_kernel_names() {
         assert_eq!("6.1".parse::<KernelSpec>().unwrap(), KernelSpec::Debian61);
-        assert_eq!(
-            " 6.12 ".parse::<KernelSpec>().unwrap(),
-            KernelSpec::Debian612
-        );
-        assert_eq!(
-            "debian-5.10".parse::<KernelSpec>().unwrap(),
-            KernelSpec::Debian510
-        );
+        assert_eq!(" 6.12 ".parse::<KernelSpec>().unwrap(), KernelSpec::Debian612);
+        assert_eq!("debian-5.10".parse::<KernelSpec>().unwrap(), KernelSpec::Debian510);
         let err = "6.2".parse::<KernelSpec>().unwrap_err().to_string();
         assert!(err.contains("5.10, 6.1, 6.12"), "{err}");
         for spec in KernelSpec::ALL {
@@ -523,19 +483,13 @@ mod tests {
     #[test]
     fn finds_versioned_image_package() {
         let out = "linux-image-amd64\n  Depends: linux-image-6.1.0-56-amd64\n";
-        assert_eq!(
-            image_dependency(out).as_deref(),
-            Some("linux-image-6.1.0-56-amd64")
-        );
+        assert_eq!(image_dependency(out).as_deref(), Some("linux-image-6.1.0-56-amd64"));
         let out = "linux-image-cloud-amd64\n |Depends: <linux-image-5.10.0-35-cloud-amd64>\n  Depends: foo\n";
         assert_eq!(
             image_dependency(out).as_deref(),
             Some("linux-image-5.10.0-35-cloud-amd64")
         );
-        assert_eq!(
-            image_dependency("linux-image-amd64\n  Recommends: firmware\n"),
-            None
-        );
+        assert_eq!(image_dependency("linux-image-amd64\n  Recommends: firmware\n"), None);
     }
 
     #[test]
@@ -566,15 +520,9 @@ mod tests {
         );
         assert_eq!(
             pick_mirrors(&sources, "bookworm"),
-            (
-                "http://m/debian".to_string(),
-                "http://s/debian-security".to_string()
-            )
+            ("http://m/debian".to_string(), "http://s/debian-security".to_string())
         );
 
-        assert_eq!(
-            pick_mirrors(&[], "bookworm").0,
-            "http://deb.debian.org/debian"
-        );
+        assert_eq!(pick_mirrors(&[], "bookworm").0, "http://deb.debian.org/debian");
     }
 }

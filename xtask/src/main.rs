@@ -4,10 +4,13 @@
 //! tasks themselves, so a fresh machine only needs rustup and this repository.
 
 mod build;
+mod debian;
 mod dist;
 mod run;
 mod setup;
 mod test;
+mod vm;
+mod vm_tests;
 
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};

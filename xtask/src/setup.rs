@@ -16,8 +16,9 @@ use std::time::Instant;
 pub const NIGHTLY: &str = "nightly";
 /// The bpf-linker release built into `.tools/bpf-linker`.
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Packages `cargo xtask run` needs (the demo uses `ip netns`).
-pub const RUN_PACKAGES: &[&str] = &["iproute2"];
+/// Packages `cargo xtask run` needs: `ctrace demo` brings up loopback with `ip` and enables
+/// conntrack in its netns with an iptables conntrack match.
+pub const RUN_PACKAGES: &[&str] = &["iproute2", "iptables"];
 
 /// `cargo xtask setup`: everything that any other task installs on demand, all at once.
 pub fn setup(ws: &Path) -> Result<()> {

@@ -42,19 +42,27 @@ struct Step {
     run: fn(&Path) -> Result<()>,
 }
 
+impl Step {
+    const fn new(
+        name: &'static str,
+        kind: Kind,
+        packages: &'static [&'static str],
+        run: fn(&Path) -> Result<()>,
+    ) -> Self {
+        Self {
+            name,
+            kind,
+            packages,
+            run,
+        }
+    }
+}
+
+/// The steps, in order. Adding a step is one line here.
 const STEPS: &[Step] = &[
-    Step {
-        name: "unit tests",
-        kind: Kind::Unit,
-        packages: &[],
-        run: unit_tests,
-    },
-    Step {
-        name: "host integration tests",
-        kind: Kind::Host,
-        packages: HOST_PACKAGES,
-        run: host_tests,
-    },
+    Step::new("unit tests", Kind::Unit, &[], unit_tests),
+    Step::new("host integration tests", Kind::Host, HOST_PACKAGES, host_tests),
+    Step::new("VM tests", Kind::Vm, VM_PACKAGES, crate::vm_tests::run_all),
 ];
 
 pub fn test(ws: &Path, args: &TestArgs) -> Result<()> {

@@ -85,10 +85,7 @@ impl fmt::Display for ExitReason {
         match self {
             ExitReason::Success => write!(f, "the guest script passed"),
             ExitReason::ScriptFailed { code } => write!(f, "the guest script failed (exit {code})"),
-            ExitReason::InitFailed { reason } => write!(
-                f,
-                "the guest's /init failed before the script ran: {reason}"
-            ),
+            ExitReason::InitFailed { reason } => write!(f, "the guest's /init failed before the script ran: {reason}"),
             ExitReason::KernelTrouble { line } => {
                 write!(f, "the guest kernel reported trouble: {line}")
             }
@@ -96,10 +93,7 @@ impl fmt::Display for ExitReason {
                 write!(f, "the guest did not finish within {}s", limit.as_secs())
             }
             ExitReason::QemuExited { status, stderr } => {
-                write!(
-                    f,
-                    "QEMU exited ({status}) before the guest reported a result"
-                )?;
+                write!(f, "QEMU exited ({status}) before the guest reported a result")?;
                 if !stderr.trim().is_empty() {
                     write!(f, "; QEMU said: {}", stderr.trim())?;
                 }
@@ -182,10 +176,7 @@ pub fn run(spec: &VmRun) -> Result<VmOutcome> {
         .prefix("ctrace-vm-")
         .tempdir()
         .context("could not create a temporary directory")?;
-    let token = format!(
-        "ctrace-vm-{:016x}",
-        RandomState::new().hash_one(SystemTime::now())
-    );
+    let token = format!("ctrace-vm-{:016x}", RandomState::new().hash_one(SystemTime::now()));
     let initrd = work.path().join("initrd.gz");
     build_initramfs(spec, &token, work.path(), &initrd)?;
 
@@ -196,22 +187,13 @@ pub fn run(spec: &VmRun) -> Result<VmOutcome> {
     if let Some(dir) = log_path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("could not create {}", dir.display()))?;
     }
-    let log = File::create(&log_path)
-        .with_context(|| format!("could not create {}", log_path.display()))?;
+    let log = File::create(&log_path).with_context(|| format!("could not create {}", log_path.display()))?;
 
     let mut cmd = qemu_command(&qemu, spec, &initrd);
     let started = Instant::now();
     let mut qemu = Qemu(cmd.spawn().context("could not start qemu-system-x86_64")?);
-    let stdout = qemu
-        .0
-        .stdout
-        .take()
-        .context("QEMU's stdout was not captured")?;
-    let mut stderr = qemu
-        .0
-        .stderr
-        .take()
-        .context("QEMU's stderr was not captured")?;
+    let stdout = qemu.0.stdout.take().context("QEMU's stdout was not captured")?;
+    let mut stderr = qemu.0.stderr.take().context("QEMU's stderr was not captured")?;
     let stderr_reader = thread::spawn(move || {
         let mut text = String::new();
         stderr.read_to_string(&mut text).ok();
@@ -259,9 +241,7 @@ pub fn run(spec: &VmRun) -> Result<VmOutcome> {
     } else if let Some(result) = watch.result {
         result
     } else if timed_out {
-        ExitReason::Timeout {
-            limit: spec.timeout,
-        }
+        ExitReason::Timeout { limit: spec.timeout }
     } else {
         let status = status.map_or_else(|| "killed".to_string(), |s: ExitStatus| s.to_string());
         ExitReason::QemuExited {
@@ -284,12 +264,7 @@ pub fn run(spec: &VmRun) -> Result<VmOutcome> {
 fn qemu_command(qemu: &Path, spec: &VmRun, initrd: &Path) -> Command {
     let mut cmd = Command::new(qemu);
     cmd.args(["-accel", "tcg", "-cpu", "max"])
-        .args([
-            "-m",
-            &spec.memory_mb.to_string(),
-            "-smp",
-            &spec.cpus.to_string(),
-        ])
+        .args(["-m", &spec.memory_mb.to_string(), "-smp", &spec.cpus.to_string()])
         // The serial console on stdout and no monitor: nothing reads from or waits on a terminal.
         .args([
             "-nographic",
@@ -341,12 +316,7 @@ impl Drop for Qemu {
 }
 
 /// Copies the console to the log (and stderr), sends complete lines on, and returns all of it at EOF.
-fn read_console(
-    mut stdout: impl Read,
-    log: File,
-    echo: bool,
-    lines: mpsc::Sender<String>,
-) -> String {
+fn read_console(mut stdout: impl Read, log: File, echo: bool, lines: mpsc::Sender<String>) -> String {
     let mut log = BufWriter::new(log);
     let mut console = Vec::new();
     let mut line_start = 0;
@@ -371,9 +341,7 @@ fn read_console(
     }
     if line_start < console.len() {
         lines
-            .send(strip_escapes(&String::from_utf8_lossy(
-                &console[line_start..],
-            )))
+            .send(strip_escapes(&String::from_utf8_lossy(&console[line_start..])))
             .ok();
     }
     strip_escapes(&String::from_utf8_lossy(&console).replace("\r\n", "\n"))
@@ -481,13 +449,10 @@ fn kernel_trouble(line: &str) -> bool {
 }
 
 fn default_log_path(kernel_version: &str) -> PathBuf {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    crate::debian::target_dir().join("vm-logs").join(format!(
-        "{kernel_version}-{secs}-{}.log",
-        std::process::id()
-    ))
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    crate::debian::target_dir()
+        .join("vm-logs")
+        .join(format!("{kernel_version}-{secs}-{}.log", std::process::id()))
 }
 
 fn init_script(token: &str, modules: &[ModuleLoad]) -> String {
@@ -522,8 +487,7 @@ echo "{token} init: started"
         if m.required {
             s += &format!("modprobe {name} || finish \"failure (modprobe {name} failed)\"\n");
         } else {
-            s +=
-                &format!("modprobe {name} || echo \"init: optional module {name} did not load\"\n");
+            s += &format!("modprobe {name} || echo \"init: optional module {name} did not load\"\n");
         }
     }
     s += &format!(
@@ -557,8 +521,7 @@ fn build_initramfs(spec: &VmRun, token: &str, work: &Path, out: &Path) -> Result
     let file = File::create(out).with_context(|| format!("could not create {}", out.display()))?;
     let mut cpio = Cpio::new(GzEncoder::new(BufWriter::new(file), Compression::default()));
     for dir in [
-        "bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run", "root", "etc",
-        "vm",
+        "bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run", "root", "etc", "vm",
     ] {
         cpio.dir(dir)?;
     }
@@ -567,11 +530,7 @@ fn build_initramfs(spec: &VmRun, token: &str, work: &Path, out: &Path) -> Result
     cpio.char_dev("dev/null", 0o666, 1, 3)?;
     cpio.file_from_path("bin/busybox", 0o755, busybox)?;
     cpio.bytes("init", 0o755, init_script(token, &loads).as_bytes())?;
-    cpio.bytes(
-        GUEST_SCRIPT.trim_start_matches('/'),
-        0o755,
-        spec.script.as_bytes(),
-    )?;
+    cpio.bytes(GUEST_SCRIPT.trim_start_matches('/'), 0o755, spec.script.as_bytes())?;
     cpio.bytes("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")?;
     cpio.bytes("etc/group", 0o644, b"root:x:0:\n")?;
     for (host, guest) in &spec.files {
@@ -600,9 +559,7 @@ fn guest_path(path: &str) -> Result<String> {
         .filter_map(|c| match c {
             Component::Normal(s) => Some(Ok(s.to_string_lossy().into_owned())),
             Component::RootDir | Component::CurDir => None,
-            _ => Some(Err(anyhow::anyhow!(
-                "guest path {path:?} must not contain `..`"
-            ))),
+            _ => Some(Err(anyhow::anyhow!("guest path {path:?} must not contain `..`"))),
         })
         .collect::<Result<_>>()?;
     ensure!(!parts.is_empty(), "guest path {path:?} names no file");
@@ -617,14 +574,9 @@ fn stage_modules(kernel: &Kernel, loads: &[ModuleLoad], staging: &Path) -> Resul
         let src = kernel.modules_root.join(&m.path);
         let dest = dest_root.join(uncompressed_path(&m.path));
         fs::create_dir_all(dest.parent().context("module path has no parent")?)?;
-        decompress_module(&src, &dest)
-            .with_context(|| format!("could not copy module {}", src.display()))?;
+        decompress_module(&src, &dest).with_context(|| format!("could not copy module {}", src.display()))?;
     }
-    for meta in [
-        "modules.order",
-        "modules.builtin",
-        "modules.builtin.modinfo",
-    ] {
+    for meta in ["modules.order", "modules.builtin", "modules.builtin.modinfo"] {
         let src = kernel.modules_root.join(meta);
         if src.is_file() {
             fs::copy(&src, dest_root.join(meta))?;
@@ -758,12 +710,8 @@ impl ModuleIndex {
         }
         for line in alias.lines() {
             let mut words = line.split_whitespace();
-            if let (Some("alias"), Some(pattern), Some(module)) =
-                (words.next(), words.next(), words.next())
-            {
-                index
-                    .aliases
-                    .push((pattern.to_string(), module.replace('-', "_")));
+            if let (Some("alias"), Some(pattern), Some(module)) = (words.next(), words.next(), words.next()) {
+                index.aliases.push((pattern.to_string(), module.replace('-', "_")));
             }
         }
         index.builtin = builtin
@@ -803,10 +751,7 @@ impl ModuleIndex {
         let mut visiting = HashSet::new();
         for name in requested {
             ensure!(
-                !name.is_empty()
-                    && name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'),
                 "bad module name {name:?}"
             );
             for module in self.resolve(name)? {
@@ -907,8 +852,7 @@ impl<W: Write> Cpio<W> {
     }
 
     fn header(&mut self, name: &str, mode: u32, size: u64, rdev: (u32, u32)) -> Result<()> {
-        let size =
-            u32::try_from(size).with_context(|| format!("{name} is too large for an initramfs"))?;
+        let size = u32::try_from(size).with_context(|| format!("{name} is too large for an initramfs"))?;
         let nlink = if mode & 0o170000 == 0o040000 { 2 } else { 1 };
         let fields = [
             self.next_ino,
@@ -971,17 +915,12 @@ impl<W: Write> Cpio<W> {
     }
 
     fn file_from_path(&mut self, path: &str, mode: u32, src: &Path) -> Result<()> {
-        let mut file =
-            File::open(src).with_context(|| format!("could not open {}", src.display()))?;
+        let mut file = File::open(src).with_context(|| format!("could not open {}", src.display()))?;
         let size = file.metadata()?.len();
         self.parents(path)?;
         self.header(path, 0o100000 | mode, size, (0, 0))?;
         let copied = io::copy(&mut (&mut file).take(size), &mut self.out)?;
-        ensure!(
-            copied == size,
-            "{} changed while it was being copied",
-            src.display()
-        );
+        ensure!(copied == size, "{} changed while it was being copied", src.display());
         self.written += copied;
         self.pad()
     }
@@ -1014,10 +953,7 @@ impl<W: Write> Cpio<W> {
             } else if meta.is_file() {
                 self.file_from_path(&name, meta.permissions().mode() & 0o7777, &path)?;
             } else {
-                bail!(
-                    "{} is neither a file, a directory nor a symlink",
-                    path.display()
-                );
+                bail!("{} is neither a file, a directory nor a symlink", path.display());
             }
         }
         Ok(())
@@ -1045,8 +981,7 @@ kernel/net/ipv4/netfilter/ip_tables.ko: kernel/net/netfilter/x_tables.ko
 kernel/crypto/crc32c_generic.ko.xz:
 kernel/arch/x86/crypto/crc32c-intel.ko:
 ";
-    const SOFTDEP: &str =
-        "# Soft dependencies extracted from modules themselves.\nsoftdep libcrc32c pre: crc32c\n";
+    const SOFTDEP: &str = "# Soft dependencies extracted from modules themselves.\nsoftdep libcrc32c pre: crc32c\n";
     const ALIAS: &str = "alias crypto-crc32c crc32c_generic\nalias crc32c crc32c_generic\nalias crc32c crc32c_intel\n\
                          alias ipt_conntrack xt_conntrack\nalias pci:v00008086d*sv*sd*bc*sc*i* e1000\n";
     const BUILTIN: &str = "kernel/net/netfilter/nfnetlink.ko\n";
@@ -1056,10 +991,7 @@ kernel/arch/x86/crypto/crc32c-intel.ko:
     }
 
     fn names(loads: &[ModuleLoad]) -> Vec<(&str, bool)> {
-        loads
-            .iter()
-            .map(|m| (m.name.as_str(), m.required))
-            .collect()
+        loads.iter().map(|m| (m.name.as_str(), m.required)).collect()
     }
 
     #[test]
@@ -1068,18 +1000,12 @@ kernel/arch/x86/crypto/crc32c-intel.ko:
         let (path, deps) = &index.modules["nf_conntrack"];
         assert_eq!(path, "kernel/net/netfilter/nf_conntrack.ko");
         assert_eq!(deps, &["nf_defrag_ipv6", "nf_defrag_ipv4", "libcrc32c"]);
-        assert_eq!(
-            index.modules["crc32c_generic"].0,
-            "kernel/crypto/crc32c_generic.ko.xz"
-        );
+        assert_eq!(index.modules["crc32c_generic"].0, "kernel/crypto/crc32c_generic.ko.xz");
         assert!(
             index.modules.contains_key("crc32c_intel"),
             "`-` in file names is `_` in module names"
         );
-        assert_eq!(
-            index.softdeps["libcrc32c"],
-            (vec!["crc32c".to_string()], vec![])
-        );
+        assert_eq!(index.softdeps["libcrc32c"], (vec!["crc32c".to_string()], vec![]));
         assert!(index.builtin.contains("nfnetlink"));
     }
 
@@ -1116,12 +1042,7 @@ kernel/arch/x86/crypto/crc32c-intel.ko:
     #[test]
     fn closure_resolves_aliases_and_skips_builtins() {
         let index = index();
-        assert!(
-            index
-                .closure(&["nfnetlink".to_string()])
-                .unwrap()
-                .is_empty()
-        );
+        assert!(index.closure(&["nfnetlink".to_string()]).unwrap().is_empty());
         let loads = index.closure(&["ipt_conntrack".to_string()]).unwrap();
         assert_eq!(loads.last().unwrap().name, "xt_conntrack");
         let loads = index
@@ -1129,16 +1050,9 @@ kernel/arch/x86/crypto/crc32c-intel.ko:
             .unwrap();
         assert_eq!(
             names(&loads),
-            [
-                ("crc32c_generic", true),
-                ("crc32c_intel", false),
-                ("libcrc32c", true)
-            ]
+            [("crc32c_generic", true), ("crc32c_intel", false), ("libcrc32c", true)]
         );
-        let err = index
-            .closure(&["nope".to_string()])
-            .unwrap_err()
-            .to_string();
+        let err = index.closure(&["nope".to_string()]).unwrap_err().to_string();
         assert!(err.contains("no module or alias \"nope\""), "{err}");
         assert!(index.closure(&["x; reboot".to_string()]).is_err());
     }
@@ -1155,10 +1069,7 @@ kernel/arch/x86/crypto/crc32c-intel.ko:
     #[test]
     fn parses_markers_only_with_the_token() {
         let t = "ctrace-vm-0123456789abcdef";
-        assert_eq!(
-            parse_marker(&format!("{t} init: started"), t),
-            Some(Marker::Started)
-        );
+        assert_eq!(parse_marker(&format!("{t} init: started"), t), Some(Marker::Started));
         assert_eq!(
             parse_marker(&format!("{t} init: running script"), t),
             Some(Marker::Script)
@@ -1176,19 +1087,13 @@ kernel/arch/x86/crypto/crc32c-intel.ko:
             Some(Marker::Finished(ExitReason::ScriptFailed { code: 3 }))
         );
         assert_eq!(
-            parse_marker(
-                &format!("{t} init: failure (modprobe nf_conntrack failed)"),
-                t
-            ),
+            parse_marker(&format!("{t} init: failure (modprobe nf_conntrack failed)"), t),
             Some(Marker::Finished(ExitReason::InitFailed {
                 reason: "modprobe nf_conntrack failed".into()
             }))
         );
         assert_eq!(parse_marker("init: success", t), None);
-        assert_eq!(
-            parse_marker("ctrace-vm-ffffffffffffffff init: success", t),
-            None
-        );
+        assert_eq!(parse_marker("ctrace-vm-ffffffffffffffff init: success", t), None);
         assert_eq!(parse_marker(&format!("{t} init: successful"), t), None);
     }
 
@@ -1223,9 +1128,7 @@ kernel/arch/x86/crypto/crc32c-intel.ko:
         let t = "ctrace-vm-1";
         let outcome = VmOutcome {
             passed: true,
-            console: format!(
-                "boot\n{t} init: started\n{t} init: running script\n7680\nok\n{t} init: success\n"
-            ),
+            console: format!("boot\n{t} init: started\n{t} init: running script\n7680\nok\n{t} init: success\n"),
             duration: Duration::ZERO,
             boot_time: None,
             exit_reason: ExitReason::Success,
@@ -1251,10 +1154,7 @@ kernel/arch/x86/crypto/crc32c-intel.ko:
 
     #[test]
     fn guest_paths_are_absolute_and_contained() {
-        assert_eq!(
-            guest_path("/usr/local/bin/ctrace").unwrap(),
-            "usr/local/bin/ctrace"
-        );
+        assert_eq!(guest_path("/usr/local/bin/ctrace").unwrap(), "usr/local/bin/ctrace");
         assert!(guest_path("bin/x").is_err());
         assert!(guest_path("/../etc/x").is_err());
         assert!(guest_path("/").is_err());

@@ -41,7 +41,9 @@ pub static TABLE_FULL_MARK: LruHashMap<u64, u64> = LruHashMap::with_max_entries(
 static CLASH_SKB: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
 
 /// A verdict older than this is not about the packet being freed (the skb address was reused).
-pub const FRESH_NS: u64 = 1_000_000;
+/// Generous: the verdict and the free are microseconds apart on hardware, but an interrupt or an
+/// emulated CPU can stretch that; the `task` match keeps stale verdicts out.
+pub const FRESH_NS: u64 = 50_000_000;
 
 const NF_DROP: i32 = 0;
 
@@ -74,6 +76,7 @@ pub fn conntrack_resolve_clash_ret(ctx: RetProbeContext) -> u32 {
     if verdict == NF_DROP {
         let mut v = PendingVerdict {
             ts_ns: now_ns(),
+            task: id,
             reason: Reason::InsertFailed as u8,
             _pad: [0; 7],
             detail: [0; DETAIL_LEN],
@@ -118,6 +121,7 @@ fn record_invalid(ctx: &ProbeContext, fmt_idx: u32) {
     let Some(skb) = ctx.arg::<u64>(0) else { return };
     let mut v = PendingVerdict {
         ts_ns: now_ns(),
+        task: bpf_get_current_pid_tgid(),
         reason: Reason::Invalid as u8,
         _pad: [0; 7],
         detail: [0; DETAIL_LEN],

@@ -144,15 +144,15 @@ unsafe fn try_kfree_skb(ctx: &BtfTracePointContext) {
 #[inline(always)]
 unsafe fn kprobe_verdict(skb: u64, ev: &mut DropEvent) -> Option<Reason> {
     unsafe {
+        let id = bpf_get_current_pid_tgid();
         if let Some(p) = PENDING_SKB.get(skb) {
-            let (ts, reason, detail) = (p.ts_ns, p.reason, p.detail);
+            let (ts, task, reason, detail) = (p.ts_ns, p.task, p.reason, p.detail);
             let _ = PENDING_SKB.remove(skb);
-            if ev.ts_ns.wrapping_sub(ts) < FRESH_NS {
+            if task == id && ev.ts_ns.wrapping_sub(ts) < FRESH_NS {
                 ev.detail = detail;
                 return Reason::from_u8(reason);
             }
         }
-        let id = bpf_get_current_pid_tgid();
         if let Some(ts) = TABLE_FULL_MARK.get(id).copied() {
             let _ = TABLE_FULL_MARK.remove(id);
             if ev.ts_ns.wrapping_sub(ts) < FRESH_NS {
