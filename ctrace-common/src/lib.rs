@@ -59,6 +59,9 @@ pub mod flags {
     pub const NEW_BASELINE: u32 = 1 << 3;
     /// Attributed by a kprobe on the conntrack path (exact), not by counter deltas.
     pub const FROM_KPROBE: u32 = 1 << 4;
+    /// Not a packet: a conntrack entry that early_drop evicted (the flow is the entry's original
+    /// direction). Counted by the kernel's `early_drop` counter, not by `REASON_TOTALS`.
+    pub const EVICTED: u32 = 1 << 5;
 }
 
 /// Kernel field offsets and enum values, resolved from the running kernel's BTF by the loader
@@ -92,6 +95,10 @@ pub struct KernelLayout {
     pub reason_netfilter_drop: u32,
     /// struct bpf_array: offset of `pptrs` (finds this CPU's per-CPU offset, see percpu.rs).
     pub bpf_array_pptrs: u32,
+    /// struct nf_conn: `tuplehash[IP_CT_DIR_ORIGINAL].tuple` and `ct_net.net` (from vmlinux or
+    /// nf_conntrack's split BTF); 0 when unknown (evicted flows are then not reported).
+    pub ct_tuple: u32,
+    pub ct_net: u32,
     pub nf_hook_slow_start: u64,
     pub nf_hook_slow_end: u64,
 }
@@ -197,6 +204,6 @@ mod tests {
     fn abi_sizes_are_stable() {
         // The ring buffer record and the globals are an ABI between the two sides.
         assert_eq!(core::mem::size_of::<DropEvent>(), 168);
-        assert_eq!(core::mem::size_of::<KernelLayout>(), 96);
+        assert_eq!(core::mem::size_of::<KernelLayout>(), 104);
     }
 }

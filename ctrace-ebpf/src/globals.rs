@@ -26,6 +26,8 @@ pub(crate) static LAYOUT: KernelLayout = KernelLayout {
     stat_early_drop: 0,
     reason_netfilter_drop: u32::MAX,
     bpf_array_pptrs: 0,
+    ct_tuple: 0,
+    ct_net: 0,
     nf_hook_slow_start: 0,
     nf_hook_slow_end: 0,
 };

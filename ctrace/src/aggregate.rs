@@ -129,6 +129,7 @@ mod tests {
             process: None,
             new_baseline: false,
             detail: None,
+            evicted: false,
         }
     }
 

@@ -130,6 +130,16 @@ impl Btf {
         Btf::parse(&data, None)
     }
 
+    /// A module's split BTF (e.g. `/sys/kernel/btf/nf_conntrack`) on top of this vmlinux BTF.
+    pub fn with_split_file(&self, path: impl AsRef<Path>) -> Result<Btf, BtfError> {
+        let path = path.as_ref();
+        let data = std::fs::read(path).map_err(|source| BtfError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Btf::parse(&data, Some(self))
+    }
+
     pub fn parse(data: &[u8], base: Option<&Btf>) -> Result<Btf, BtfError> {
         if data.len() < 24 {
             return Err(BtfError::Malformed("shorter than the header"));
@@ -444,6 +454,28 @@ mod tests {
         assert_eq!(btf.enum_value("e", "A").unwrap(), 7);
         assert_eq!(btf.enum_value("e", "B").unwrap(), -1);
         assert!(btf.enum_value("e", "C").is_err());
+    }
+
+    #[test]
+    fn split_btf_extends_the_base() {
+        let base = Btf::parse(&sample(), None).unwrap();
+        // Split BTF: ids continue after the base's 8 types, string offsets after its strings.
+        let strs = b"\0split\0z\0";
+        let base_strs = base.strings.len() as u32;
+        let t: Vec<u32> = vec![base_strs + 1, (4 << 24) | 1, 16, base_strs + 7, 5, 64];
+        let types: Vec<u8> = t.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let mut blob = vec![];
+        blob.extend(BTF_MAGIC.to_le_bytes());
+        blob.extend([1u8, 0]);
+        for v in [24u32, 0, types.len() as u32, types.len() as u32, strs.len() as u32] {
+            blob.extend(v.to_le_bytes());
+        }
+        blob.extend(types);
+        blob.extend(strs);
+        let split = Btf::parse(&blob, Some(&base)).unwrap();
+        // Member `z` of the split struct has the base's `outer` type (id 5): in.b is at 8 + 12.
+        assert_eq!(split.member_offset("split", "z.in.b").unwrap(), 20);
+        assert_eq!(split.member_offset("outer", "x").unwrap(), 0, "base types stay visible");
     }
 
     #[test]

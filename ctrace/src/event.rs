@@ -66,6 +66,8 @@ pub struct Drop {
     pub new_baseline: bool,
     /// The kernel's own words about the drop (kprobe mode), e.g. "invalid tcp flag combination".
     pub detail: Option<String>,
+    /// Not a packet but a conntrack entry that early_drop evicted (kprobe mode).
+    pub evicted: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -153,6 +155,7 @@ pub fn decode(ev: &DropEvent) -> Option<Drop> {
         process,
         new_baseline: ev.flags & flags::NEW_BASELINE != 0,
         detail: Some(kernel_str(&ev.detail)).filter(|s| !s.is_empty()),
+        evicted: ev.flags & flags::EVICTED != 0,
     })
 }
 

@@ -14,6 +14,22 @@ pub enum DropMatch {
     Location { start: u64, end: u64 },
 }
 
+/// Offsets of `struct nf_conn` (tuple of the original direction, netns), from vmlinux when
+/// nf_conntrack is built in or from the module's split BTF while it is loaded. None when this
+/// kernel has no BTF for it (e.g. Debian's 5.10 cloud kernel has no module BTF).
+pub fn conntrack_offsets(vmlinux: &Btf) -> Option<(u32, u32)> {
+    let resolve = |btf: &Btf| -> Result<(u32, u32), BtfError> {
+        let tuple =
+            btf.member_offset("nf_conn", "tuplehash")? + btf.member_offset("nf_conntrack_tuple_hash", "tuple")?;
+        Ok((tuple, btf.member_offset("nf_conn", "ct_net.net")?))
+    };
+    if let Ok(o) = resolve(vmlinux) {
+        return Some(o);
+    }
+    let split = vmlinux.with_split_file("/sys/kernel/btf/nf_conntrack").ok()?;
+    resolve(&split).ok()
+}
+
 pub fn resolve(btf: &Btf) -> anyhow::Result<(KernelLayout, DropMatch)> {
     let off = |s: &str, p: &str| -> Result<u32, BtfError> { btf.member_offset(s, p) };
     let mut l = KernelLayout {
@@ -38,9 +54,15 @@ pub fn resolve(btf: &Btf) -> anyhow::Result<(KernelLayout, DropMatch)> {
         stat_early_drop: off("ip_conntrack_stat", "early_drop")?,
         reason_netfilter_drop: u32::MAX,
         bpf_array_pptrs: off("bpf_array", "pptrs")?,
+        ct_tuple: 0,
+        ct_net: 0,
         nf_hook_slow_start: 0,
         nf_hook_slow_end: 0,
     };
+    if let Some((tuple, net)) = conntrack_offsets(btf) {
+        l.ct_tuple = tuple;
+        l.ct_net = net;
+    }
     let matcher = match btf.enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP") {
         Ok(v) => {
             l.reason_netfilter_drop = v as u32;

@@ -146,7 +146,11 @@ impl Output {
                     .map(|p| format!("{}[{}]", p.comm, p.pid))
                     .unwrap_or_else(|| "-".into());
                 let table = ctx.table.map(|(c, m)| format!("{c}/{m}")).unwrap_or_else(|| "-".into());
-                let detail = d.detail.as_ref().map(|s| format!("  \"{s}\"")).unwrap_or_default();
+                let detail = match (&d.detail, d.evicted) {
+                    (Some(s), _) => format!("  \"{s}\""),
+                    (None, true) => "  (entry evicted to make room)".to_owned(),
+                    (None, false) => String::new(),
+                };
                 let _ = writeln!(
                     out,
                     "{:02}:{:02}:{:02}.{:03}  {:<24}  {:<14}  {:<6}  {:<28}  {:<28}  {:<20}  {}{}",
@@ -188,6 +192,9 @@ impl Output {
                 }
                 if let Some(text) = &d.detail {
                     m.insert("detail".into(), json!(text));
+                }
+                if d.evicted {
+                    m.insert("evicted".into(), json!(true));
                 }
                 m.insert("cpu".into(), json!(d.cpu));
                 Self::emit(out, Value::Object(m));
@@ -518,6 +525,7 @@ mod tests {
             }),
             new_baseline: false,
             detail: None,
+            evicted: false,
         }
     }
 

@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
 use ctrace_common::Reason;
 use time::OffsetDateTime;
 use tokio::{
@@ -23,8 +24,8 @@ use crate::{
     netns::{self, Registry},
     output::{DropContext, Output},
     probes::{
-        self,
-        tracepoint::{KernelFilters, Tracer},
+        self, Choice,
+        loader::{KernelFilters, Tracer},
     },
     summary::{NetnsSummary, Summary, Tally},
 };
@@ -52,13 +53,6 @@ impl Clock {
     }
 }
 
-/// Counter state of the netns ctrace watches.
-struct Watched {
-    /// Counters at start (or zero for a netns that appeared later).
-    first: HashMap<u32, CtStats>,
-    last: HashMap<u32, CtStats>,
-}
-
 /// Lets an embedding caller (the demo) know when probes are attached and stop the session.
 #[derive(Default)]
 pub struct Hooks {
@@ -66,32 +60,252 @@ pub struct Hooks {
     pub ready: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
-pub async fn run(args: RunArgs, mut out: Output, hooks: Hooks) -> anyhow::Result<Summary> {
+/// Most aggregate lines printed per second; the rest fold into one line per (reason, netns).
+const MAX_AGGREGATE_LINES: usize = 10;
+/// The eviction probe (a kprobe on nf_ct_delete, which runs for every deleted entry) is armed
+/// while some watched table is at least this full, and disarmed below `DISARM_FILL`.
+const ARM_FILL: f64 = 0.90;
+const DISARM_FILL: f64 = 0.80;
+
+/// Kernel counters of one watched netns, and how its early_drop evictions were reported.
+#[derive(Default)]
+struct Watched {
+    /// Counters at start (empty = zero for a netns that appeared later).
+    first: CtStats,
+    last: CtStats,
+    /// Evictions reported one by one (kprobe mode, probe armed).
+    listed_evictions: u64,
+    /// Evictions reported as counter-only remainders.
+    counted_evictions: u64,
+}
+
+struct Session {
+    out: Output,
+    registry: Registry,
+    netns_filter: Option<u32>,
+    early_drop_wanted: bool,
+    watched: HashMap<u32, Watched>,
+    limiter: RateLimiter,
+    tally: Tally,
+    clock: Clock,
+    max: Option<u64>,
+    max_read: Instant,
+    eviction_watch: bool,
+}
+
+impl Session {
+    fn wanted(&self, n: u32) -> bool {
+        self.netns_filter.is_none_or(|f| f == n)
+    }
+
+    fn ctx(&self, n: u32) -> DropContext {
+        DropContext {
+            netns_name: self.registry.name(n),
+            table: self.watched.get(&n).map(|w| w.last.entries()).zip(self.max),
+        }
+    }
+
+    fn handle_record(&mut self, bytes: &[u8]) {
+        let Ok(raw) = event::parse_record(bytes) else { return };
+        let Some(d) = event::decode(&raw) else { return };
+        if d.netns != 0 && !self.registry.known.contains_key(&d.netns) {
+            self.registry.rescan();
+        }
+        if d.evicted
+            && let Some(w) = self.watched.get_mut(&d.netns)
+        {
+            w.listed_evictions += 1;
+        }
+        if !d.evicted {
+            self.tally.add(&d, 1);
+        }
+        if let Admit::Print = self.limiter.admit(&d, 1) {
+            let ctx = self.ctx(d.netns);
+            self.out.drop(self.clock.wall(d.ts_ns), &d, &ctx);
+        }
+    }
+
+    fn drain(&mut self, rb: &mut RingBuf<MapData>) {
+        // The limit can change under us (that is the bug class ctrace exists for): read it at
+        // most every 100 ms while drops are being printed.
+        if self.max_read.elapsed() > Duration::from_millis(100) {
+            self.max = netns::conntrack_max();
+            self.max_read = Instant::now();
+        }
+        while let Some(item) = rb.next() {
+            let bytes = item.to_vec();
+            drop(item);
+            self.handle_record(&bytes);
+        }
+    }
+
+    /// Reads every watched netns's counters (starting to watch new netns from zero: a new netns's
+    /// counters start at zero).
+    fn poll_counters(&mut self) {
+        let ids: Vec<u32> = self
+            .registry
+            .known
+            .keys()
+            .copied()
+            .filter(|&n| self.wanted(n))
+            .collect();
+        for n in ids {
+            let Ok(now) = self.registry.read_stats(n) else { continue };
+            self.watched.entry(n).or_default().last = now;
+        }
+    }
+
+    /// Reports early_drop evictions that were not listed one by one. Call after `poll_counters`
+    /// and a drain: an eviction's event is sent before the kernel counts it, so everything the
+    /// counters show has been listed by then, and the remainder never over-counts.
+    fn report_counted_evictions(&mut self, now: OffsetDateTime) {
+        if !self.early_drop_wanted {
+            return;
+        }
+        let mut lines = vec![];
+        for (n, w) in &mut self.watched {
+            let kernel = CounterDelta::between(&w.first, &w.last).early_drop;
+            let remainder = kernel.saturating_sub(w.listed_evictions + w.counted_evictions);
+            if remainder > 0 {
+                w.counted_evictions += remainder;
+                lines.push((*n, remainder));
+            }
+        }
+        lines.sort();
+        for (n, count) in lines {
+            let ctx = self.ctx(n);
+            self.out.counted_drops(now, Reason::EarlyDrop, n, &ctx, count);
+        }
+    }
+
+    fn flush_aggregates(&mut self) {
+        let flush = self.limiter.tick();
+        match flush.switched {
+            Some(true) => self.out.notice(&format!(
+                "more than {} drops per second: printing per-second aggregates per (reason, netns, destination); \
+--rate-limit 0 prints every drop",
+                self.limiter.limit()
+            )),
+            Some(false) => self
+                .out
+                .notice("drop rate is back under the limit: printing every drop again"),
+            None => {}
+        }
+        let mut aggs = flush.aggregates;
+        aggs.sort_by(|a, b| b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(&b.0)));
+        let rest = if aggs.len() > MAX_AGGREGATE_LINES {
+            aggs.split_off(MAX_AGGREGATE_LINES)
+        } else {
+            vec![]
+        };
+        let mut folded: BTreeMap<AggKey, AggValue> = BTreeMap::new();
+        for (k, v) in rest {
+            let e = folded
+                .entry(AggKey {
+                    proto: None,
+                    dst: None,
+                    ..k
+                })
+                .or_default();
+            e.count += v.count;
+            e.others += 1 + v.others;
+        }
+        let now = OffsetDateTime::now_utc();
+        for (k, v) in aggs.iter().map(|(k, v)| (k, v)).chain(folded.iter()) {
+            let ctx = self.ctx(k.netns);
+            self.out.aggregate(now, k, v, &ctx);
+        }
+    }
+
+    /// Arms or disarms the eviction probe from the fullest watched table.
+    fn steer_eviction_watch(&mut self, tracer: &mut Tracer) {
+        if !tracer.can_watch_evictions() || !self.early_drop_wanted {
+            return;
+        }
+        let Some(max) = self.max.filter(|&m| m > 0) else { return };
+        let (fullest, entries) = self
+            .watched
+            .iter()
+            .map(|(n, w)| (*n, w.last.entries()))
+            .max_by_key(|(_, e)| *e)
+            .unwrap_or((0, 0));
+        let fill = entries as f64 / max as f64;
+        let arm = if self.eviction_watch {
+            fill >= DISARM_FILL
+        } else {
+            fill >= ARM_FILL
+        };
+        if arm == self.eviction_watch {
+            return;
+        }
+        match tracer.watch_evictions(arm) {
+            Ok(()) => {
+                self.eviction_watch = arm;
+                let name = self
+                    .registry
+                    .name(fullest)
+                    .map(|s| format!(" ({s})"))
+                    .unwrap_or_default();
+                self.out.notice(&if arm {
+                    format!(
+                        "conntrack table of netns {fullest}{name} is {:.0}% full ({entries}/{max}): listing each \
+early_drop eviction (kprobe on nf_ct_delete, armed while a table is over {:.0}% full)",
+                        fill * 100.0,
+                        ARM_FILL * 100.0
+                    )
+                } else {
+                    format!(
+                        "conntrack tables are below {:.0}% full: no longer listing evictions",
+                        DISARM_FILL * 100.0
+                    )
+                });
+            }
+            Err(e) => {
+                self.out.notice(&format!("cannot watch evictions: {e:#}"));
+            }
+        }
+    }
+}
+
+pub async fn run(args: RunArgs, out: Output, hooks: Hooks) -> anyhow::Result<Summary> {
     let Hooks { mut stop, ready } = hooks;
-    let mut registry = Registry::scan();
+    let registry = Registry::scan();
     let netns_filter = match &args.netns {
         Some(spec) => Some(registry.resolve(spec).map_err(anyhow::Error::msg)?),
         None => None,
     };
-    let wanted = |n: u32| netns_filter.is_none_or(|f| f == n);
     let flow_filtered = args.proto.is_some() || args.port.is_some() || args.host.is_some();
-    let early_drop_wanted = !flow_filtered && (args.reason.is_empty() || args.reason.contains(&Reason::EarlyDrop));
+    let mut s = Session {
+        out,
+        registry,
+        netns_filter,
+        early_drop_wanted: !flow_filtered && (args.reason.is_empty() || args.reason.contains(&Reason::EarlyDrop)),
+        watched: HashMap::new(),
+        limiter: RateLimiter::new(args.rate_limit),
+        tally: Tally::default(),
+        clock: Clock::now(),
+        max: netns::conntrack_max(),
+        max_read: Instant::now(),
+        eviction_watch: false,
+    };
 
     // Counters before attaching: they seed the per-CPU baselines and the summary's deltas.
-    let mut watched = Watched {
-        first: HashMap::new(),
-        last: HashMap::new(),
-    };
-    for &n in registry.known.keys() {
-        if wanted(n)
-            && let Ok(s) = registry.read_stats(n)
-        {
-            watched.first.insert(n, s.clone());
-            watched.last.insert(n, s);
+    let ids: Vec<u32> = s.registry.known.keys().copied().filter(|&n| s.wanted(n)).collect();
+    for n in ids {
+        if let Ok(stats) = s.registry.read_stats(n) {
+            s.watched.insert(
+                n,
+                Watched {
+                    first: stats.clone(),
+                    last: stats,
+                    ..Default::default()
+                },
+            );
         }
     }
+    let baselines: HashMap<u32, CtStats> = s.watched.iter().map(|(n, w)| (*n, w.first.clone())).collect();
 
-    let choice = probes::choose(args.mode)?;
+    let choice: Choice = probes::choose(args.mode)?;
     let filters = KernelFilters {
         netns: netns_filter.unwrap_or(0),
         l4proto: args.proto.unwrap_or(0),
@@ -99,15 +313,18 @@ pub async fn run(args: RunArgs, mut out: Output, hooks: Hooks) -> anyhow::Result
         host: args.host,
         reasons: args.reason.clone(),
     };
-    let mut tracer = Tracer::start(&choice.plan, &filters, &watched.first)?;
-    let clock = Clock::now();
+    let mut tracer = Tracer::start(&choice.plan, &filters, &baselines)?;
+    s.clock = Clock::now();
     let started = Instant::now();
-    out.mode(choice.name(), &choice.why, choice.exactness());
+    s.out.mode(choice.name(), &choice.why, choice.exactness());
     if let Some(tx) = ready {
         let _ = tx.send(());
     }
     if flow_filtered {
-        out.notice("early_drop evictions are not counted while --proto, --port or --host is set (the kernel counters carry no flow)");
+        s.out.notice(
+            "early_drop evictions are not counted while --proto, --port or --host is set (the kernel counters \
+carry no flow)",
+        );
     }
 
     // SAFETY: the RingBuf owns its map fd, which stays open and unchanged until the AsyncFd drops it.
@@ -118,17 +335,7 @@ pub async fn run(args: RunArgs, mut out: Output, hooks: Hooks) -> anyhow::Result
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
-    let mut limiter = RateLimiter::new(args.rate_limit);
-    let mut tally = Tally::default();
-    let mut fill: HashMap<u32, u64> = HashMap::new();
-    let mut max = netns::conntrack_max();
-    let mut max_read = Instant::now();
     let mut ticks = 0u64;
-
-    let ctx_for = |registry: &Registry, fill: &HashMap<u32, u64>, max: Option<u64>, n: u32| DropContext {
-        netns_name: registry.name(n),
-        table: fill.get(&n).copied().zip(max),
-    };
 
     loop {
         let stop_changed = async {
@@ -148,49 +355,19 @@ pub async fn run(args: RunArgs, mut out: Output, hooks: Hooks) -> anyhow::Result
         tokio::select! {
             guard = events.readable_mut() => {
                 let mut guard = guard.context("ring buffer poll failed")?;
-                // The limit can change under us (that is the bug class ctrace exists for): read it
-                // at most every 100 ms while drops are being printed.
-                if max_read.elapsed() > Duration::from_millis(100) {
-                    max = netns::conntrack_max();
-                    max_read = Instant::now();
-                }
-                let rb = guard.get_inner_mut();
-                while let Some(item) = rb.next() {
-                    let Ok(raw) = event::parse_record(&item) else { continue };
-                    let Some(d) = event::decode(&raw) else { continue };
-                    if !registry.known.contains_key(&d.netns) && d.netns != 0 {
-                        registry.rescan();
-                    }
-                    tally.add(&d, 1);
-                    if let Admit::Print = limiter.admit(&d, 1) {
-                        let ctx = ctx_for(&registry, &fill, max, d.netns);
-                        out.drop(clock.wall(d.ts_ns), &d, &ctx);
-                    }
-                }
+                s.drain(guard.get_inner_mut());
                 guard.clear_ready();
             }
             _ = tick.tick() => {
                 ticks += 1;
-                let flush = limiter.tick();
-                let now = OffsetDateTime::now_utc();
-                match flush.switched {
-                    Some(true) => out.notice(&format!(
-                        "more than {} drops per second: printing per-second aggregates per (reason, netns, destination); --rate-limit 0 prints every drop",
-                        limiter.limit()
-                    )),
-                    Some(false) => out.notice("drop rate is back under the limit: printing every drop again"),
-                    None => {}
-                }
-                max = netns::conntrack_max();
-                print_aggregates(&mut out, now, flush.aggregates, |n| ctx_for(&registry, &fill, max, n));
+                s.max = netns::conntrack_max();
+                s.poll_counters();
+                s.drain(events.get_mut());
+                s.report_counted_evictions(OffsetDateTime::now_utc());
+                s.flush_aggregates();
+                s.steer_eviction_watch(&mut tracer);
                 if ticks.is_multiple_of(5) {
-                    registry.rescan();
-                }
-                for (netns, delta) in poll_counters(&registry, &mut watched, &mut fill, &wanted) {
-                    if early_drop_wanted && delta.early_drop > 0 {
-                        let ctx = ctx_for(&registry, &fill, max, netns);
-                        out.counted_drops(now, Reason::EarlyDrop, netns, &ctx, delta.early_drop);
-                    }
+                    s.registry.rescan();
                 }
             }
             _ = sigint.recv() => break,
@@ -200,48 +377,25 @@ pub async fn run(args: RunArgs, mut out: Output, hooks: Hooks) -> anyhow::Result
         }
     }
 
-    // Drain what is already in the ring buffer, then detach by dropping the programs.
-    {
-        let rb = events.get_mut();
-        while let Some(item) = rb.next() {
-            if let Ok(raw) = event::parse_record(&item)
-                && let Some(d) = event::decode(&raw)
-            {
-                tally.add(&d, 1);
-                if let Admit::Print = limiter.admit(&d, 1) {
-                    let ctx = ctx_for(&registry, &fill, max, d.netns);
-                    out.drop(clock.wall(d.ts_ns), &d, &ctx);
-                }
-            }
-        }
-        let flush = limiter.tick();
-        print_aggregates(&mut out, OffsetDateTime::now_utc(), flush.aggregates, |n| {
-            ctx_for(&registry, &fill, max, n)
-        });
-    }
+    // Detach first (nothing new arrives), then read everything that is left.
     let totals = tracer.reason_totals()?;
     let per_netns = tracer.netns_totals()?;
     let lost = tracer.lost_events()?;
     let lost_split = tracer.lost_netns_split()?;
-    drop(events);
+    let mut events = events.into_inner();
     drop(tracer);
-
-    // Final counter read, for exact early_drop totals and the per-netns kernel deltas.
-    let now = OffsetDateTime::now_utc();
-    for (netns, delta) in poll_counters(&registry, &mut watched, &mut fill, &wanted) {
-        if early_drop_wanted && delta.early_drop > 0 {
-            let ctx = ctx_for(&registry, &fill, max, netns);
-            out.counted_drops(now, Reason::EarlyDrop, netns, &ctx, delta.early_drop);
-        }
-    }
+    s.poll_counters();
+    s.drain(&mut events);
+    s.report_counted_evictions(OffsetDateTime::now_utc());
+    s.flush_aggregates();
 
     let mut summary = Summary {
         mode: choice.name().to_owned(),
         duration_s: started.elapsed().as_secs_f64(),
         lost,
-        top_flows: tally.top_flows(),
-        top_dports: tally.top_dports(),
-        untracked: tally.untracked,
+        top_flows: s.tally.top_flows(),
+        top_dports: s.tally.top_dports(),
+        untracked: s.tally.untracked,
         ..Default::default()
     };
     for (r, c) in &totals {
@@ -252,13 +406,12 @@ pub async fn run(args: RunArgs, mut out: Output, hooks: Hooks) -> anyhow::Result
         by_netns.entry(n).or_default().drops.insert(r, c);
     }
     let mut early_total = 0;
-    for (n, first) in &watched.first {
-        let Some(last) = watched.last.get(n) else { continue };
-        let delta = CounterDelta::between(first, last);
+    for (n, w) in &s.watched {
+        let delta = CounterDelta::between(&w.first, &w.last);
         if delta.is_zero() && !by_netns.contains_key(n) {
             continue;
         }
-        if early_drop_wanted && delta.early_drop > 0 {
+        if s.early_drop_wanted && delta.early_drop > 0 {
             early_total += delta.early_drop;
             by_netns
                 .entry(*n)
@@ -268,80 +421,66 @@ pub async fn run(args: RunArgs, mut out: Output, hooks: Hooks) -> anyhow::Result
         }
         by_netns.entry(*n).or_default().kernel = Some(delta);
     }
-    if early_drop_wanted {
+    if s.early_drop_wanted {
         summary.drops.insert(Reason::EarlyDrop, early_total);
     }
-    for (n, mut s) in by_netns {
-        s.netns = n;
-        s.name = registry.name(n);
-        summary.netns.push(s);
+    for (n, mut ns) in by_netns {
+        ns.netns = n;
+        ns.name = s.registry.name(n);
+        summary.netns.push(ns);
     }
     if lost_split > 0 {
-        out.notice(&format!(
+        s.out.notice(&format!(
             "{lost_split} drops are in the totals but not in the per-netns split (more netns than ctrace tracks)"
         ));
     }
-    out.summary(&summary);
+    s.out.summary(&summary);
     Ok(summary)
 }
 
-/// Most aggregate lines printed per second; the rest fold into one line per (reason, netns).
-const MAX_AGGREGATE_LINES: usize = 10;
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn print_aggregates(
-    out: &mut Output,
-    now: OffsetDateTime,
-    mut aggs: Vec<(AggKey, AggValue)>,
-    ctx: impl Fn(u32) -> DropContext,
-) {
-    aggs.sort_by(|a, b| b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(&b.0)));
-    let rest = if aggs.len() > MAX_AGGREGATE_LINES {
-        aggs.split_off(MAX_AGGREGATE_LINES)
-    } else {
-        vec![]
-    };
-    let mut folded: BTreeMap<AggKey, AggValue> = BTreeMap::new();
-    for (k, v) in rest {
-        let key = AggKey {
-            proto: None,
-            dst: None,
-            ..k
-        };
-        let e = folded.entry(key).or_default();
-        e.count += v.count;
-        e.others += 1 + v.others;
+    fn stats(early: u64) -> CtStats {
+        CtStats::parse(&format!("entries early_drop\n00000001 {early:08x}\n")).unwrap()
     }
-    for (k, v) in aggs.iter().map(|(k, v)| (k, v)).chain(folded.iter()) {
-        out.aggregate(now, k, v, &ctx(k.netns));
-    }
-}
 
-/// Reads each watched netns's counters, returns the non-zero deltas since the last poll,
-/// records the table fill, and starts watching netns that appeared since (from zero: a new netns's
-/// counters start at zero).
-fn poll_counters(
-    registry: &Registry,
-    watched: &mut Watched,
-    fill: &mut HashMap<u32, u64>,
-    wanted: &impl Fn(u32) -> bool,
-) -> Vec<(u32, CounterDelta)> {
-    let mut deltas = vec![];
-    for &n in registry.known.keys() {
-        if !wanted(n) {
-            continue;
-        }
-        let Ok(now) = registry.read_stats(n) else { continue };
-        fill.insert(n, now.entries());
-        let prev = watched.last.get(&n).cloned().unwrap_or_else(|| {
-            let zero = CtStats::default();
-            watched.first.insert(n, zero.clone());
-            zero
-        });
-        let delta = CounterDelta::between(&prev, &now);
-        watched.last.insert(n, now);
-        if !delta.is_zero() {
-            deltas.push((n, delta));
+    fn session() -> Session {
+        Session {
+            out: Output::json(Box::new(std::io::sink())),
+            registry: Registry::default(),
+            netns_filter: None,
+            early_drop_wanted: true,
+            watched: HashMap::new(),
+            limiter: RateLimiter::new(0),
+            tally: Tally::default(),
+            clock: Clock::now(),
+            max: Some(100),
+            max_read: Instant::now(),
+            eviction_watch: false,
         }
     }
-    deltas
+
+    #[test]
+    fn listed_and_counted_evictions_add_up_to_the_kernel_counter() {
+        let mut s = session();
+        s.watched.insert(
+            7,
+            Watched {
+                first: stats(10),
+                last: stats(15),
+                listed_evictions: 3,
+                ..Default::default()
+            },
+        );
+        s.report_counted_evictions(OffsetDateTime::UNIX_EPOCH);
+        assert_eq!(s.watched[&7].counted_evictions, 2);
+        // More listed than the counters showed at the last poll: nothing negative, nothing twice.
+        s.watched.get_mut(&7).unwrap().listed_evictions = 6;
+        s.watched.get_mut(&7).unwrap().last = stats(20);
+        s.report_counted_evictions(OffsetDateTime::UNIX_EPOCH);
+        let w = &s.watched[&7];
+        assert_eq!(w.listed_evictions + w.counted_evictions, 10);
+    }
 }

@@ -114,6 +114,7 @@ mod tests {
             process: None,
             new_baseline: false,
             detail: None,
+            evicted: false,
         }
     }
 

@@ -260,7 +260,12 @@ sysctl -w net.netfilter.nf_conntrack_max="$max" >/dev/null || finish 1 "could no
 mark stats.table_full "$($KIT stats)"
 mark time.table_full "$(now)"
 
-mark flows.early_drop "$($KIT udp-flows --first @FULL_FLOWS@ --count $((max + max / 8)) --port $PORT)"
+# Fill to 95% and hold it for ctrace's once-a-second poll (it lists evictions while a table is
+# over 90% full), then overflow.
+fill=$((max * 95 / 100))
+mark flows.early_fill "$($KIT udp-flows --first @FULL_FLOWS@ --count $fill --port $PORT)"
+sleep 2.5
+mark flows.early_drop "$($KIT udp-flows --first $((@FULL_FLOWS@ + fill)) --count $((max + max / 8 - fill)) --port $PORT)"
 mark stats.early_drop "$($KIT stats)"
 mark time.early_drop "$(now)"
 
@@ -723,6 +728,25 @@ fn evaluate(case: &VmCase, r: &GuestReport) -> Vec<TestResult> {
             total.early_drop
         )
     });
+    // kprobe mode lists each eviction (flow of the evicted entry) while the table is nearly full.
+    let evicted: Vec<&Value> = drop_events(&r.events, "early_drop")
+        .filter(|v| v["evicted"] == true)
+        .collect();
+    early
+        .facts
+        .push(format!("{} evictions listed with their flow", evicted.len()));
+    if case.expect_mode == Some("kprobe") {
+        early.check(!evicted.is_empty(), || {
+            "no eviction was listed with its flow".to_string()
+        });
+        let odd = evicted
+            .iter()
+            .filter(|v| v["proto"] != "udp" || v["dport"] != PORT || v["count"] != 1)
+            .count();
+        early.check(odd == 0, || {
+            format!("{odd} evicted entries are not the guest's udp flows to port {PORT}")
+        });
+    }
 
     let mut invalid = TestResult::new("invalid");
     let events: Vec<&Value> = drop_events(&r.events, "invalid").collect();

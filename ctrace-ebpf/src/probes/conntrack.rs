@@ -7,20 +7,30 @@
 //!   could be evicted, and the caller then drops the packet: table full.
 //! - `static __cold noinline int nf_ct_resolve_clash(struct sk_buff *skb, struct nf_conntrack_tuple_hash *h,
 //!   u32 repl_idx)` (5.10+): NF_DROP = unresolved clash, insert_failed.
+//! - `bool nf_ct_delete(struct nf_conn *ct, u32 portid, int report)`: runs for every deleted
+//!   entry, so the loader attaches it only while a table is nearly full; inside early_drop it
+//!   names the evicted entry.
 //! - `void nf_l4proto_log_invalid(const struct sk_buff *skb, const struct nf_hook_state *state,
 //!   u8 protonum, const char *fmt, ...)` and `void nf_ct_l4proto_log_invalid(const struct sk_buff *skb,
 //!   const struct nf_conn *ct, const struct nf_hook_state *state, const char *fmt, ...)`: the kernel's
 //!   reason text for an invalid packet (called whether or not `nf_conntrack_log_invalid` is set).
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel_str_bytes},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_kernel_str_bytes,
+    },
     macros::{kprobe, kretprobe, map},
     maps::LruHashMap,
     programs::{ProbeContext, RetProbeContext},
 };
-use ctrace_common::{DETAIL_LEN, PendingVerdict, Reason};
+use ctrace_common::{DETAIL_LEN, DropEvent, PendingVerdict, Reason, flags};
 
-use crate::globals::{ct_l4proto_log_invalid_fmt, l4proto_log_invalid_fmt};
+use crate::{
+    filter,
+    globals::{ct_l4proto_log_invalid_fmt, l4proto_log_invalid_fmt, layout},
+    maps::{EVENTS, LOSSES, LOST_EVENTS, bump},
+};
 
 #[inline(always)]
 fn now_ns() -> u64 {
@@ -36,6 +46,10 @@ pub static PENDING_SKB: LruHashMap<u64, PendingVerdict> = LruHashMap::with_max_e
 #[map]
 pub static TABLE_FULL_MARK: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
 
+/// Tasks (pid_tgid) inside early_drop right now: an nf_ct_delete there is an eviction.
+#[map]
+static IN_EARLY_DROP: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
+
 /// skb of an nf_ct_resolve_clash call in progress, keyed by pid_tgid (kretprobes see no arguments).
 #[map]
 static CLASH_SKB: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
@@ -47,8 +61,15 @@ pub const FRESH_NS: u64 = 50_000_000;
 
 const NF_DROP: i32 = 0;
 
+#[kprobe]
+pub fn conntrack_early_drop(_ctx: ProbeContext) -> u32 {
+    let _ = IN_EARLY_DROP.insert(bpf_get_current_pid_tgid(), now_ns(), 0);
+    0
+}
+
 #[kretprobe]
 pub fn conntrack_early_drop_ret(ctx: RetProbeContext) -> u32 {
+    let _ = IN_EARLY_DROP.remove(bpf_get_current_pid_tgid());
     let evicted: i32 = ctx.ret();
     if evicted == 0 {
         let _ = TABLE_FULL_MARK.insert(bpf_get_current_pid_tgid(), now_ns(), 0);
@@ -140,4 +161,65 @@ fn record_invalid(ctx: &ProbeContext, fmt_idx: u32) {
         }
     }
     let _ = PENDING_SKB.insert(skb, v, 0);
+}
+
+#[kprobe]
+pub fn conntrack_ct_delete(ctx: ProbeContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    // SAFETY: plain value read.
+    if unsafe { IN_EARLY_DROP.get(id) }.is_none() {
+        return 0;
+    }
+    if let Some(ct) = ctx.arg::<u64>(0) {
+        // SAFETY: reads go through bpf_probe_read_kernel.
+        unsafe { report_eviction(ct) };
+    }
+    0
+}
+
+/// Sends the evicted entry's original-direction tuple as an early_drop event.
+#[inline(always)]
+unsafe fn report_eviction(ct: u64) {
+    let tuple_off = layout!(ct_tuple);
+    if tuple_off == 0 {
+        return;
+    }
+    unsafe {
+        let mut ev: DropEvent = core::mem::zeroed();
+        ev.ts_ns = now_ns();
+        ev.cpu = bpf_get_smp_processor_id();
+        ev.reason = Reason::EarlyDrop as u8;
+        ev.flags = flags::EVICTED | flags::FROM_KPROBE;
+        let net: u64 = bpf_probe_read_kernel((ct + layout!(ct_net) as u64) as *const u64).unwrap_or(0);
+        if net != 0 {
+            ev.netns = bpf_probe_read_kernel((net + layout!(net_inum) as u64) as *const u32).unwrap_or(0);
+        }
+        if !filter::wants_netns(ev.netns) || !filter::wants_reason(Reason::EarlyDrop) {
+            return;
+        }
+        // struct nf_conntrack_tuple: src.u3@0 src.u.all@16 src.l3num@18 dst.u3@20 dst.u.all@36
+        // dst.protonum@38 (stable since 4.18).
+        let Ok(t) = bpf_probe_read_kernel((ct + tuple_off as u64) as *const [u8; 40]) else {
+            return;
+        };
+        let l3num = u16::from_ne_bytes([t[18], t[19]]);
+        ev.ip_version = match l3num {
+            2 => 4,
+            10 => 6,
+            _ => return,
+        };
+        ev.saddr.copy_from_slice(&t[0..16]);
+        ev.daddr.copy_from_slice(&t[20..36]);
+        ev.l4proto = t[38];
+        // Ports; for ICMP the id (src.u) and type << 8 | code (dst.u), as in packet events.
+        ev.sport = u16::from_be_bytes([t[16], t[17]]);
+        ev.dport = u16::from_be_bytes([t[36], t[37]]);
+        ev.flags |= flags::HEADERS_OK;
+        if !filter::wants_flow(&ev) {
+            return;
+        }
+        if EVENTS.output::<DropEvent>(&ev, 0).is_err() {
+            bump(&LOSSES, LOST_EVENTS);
+        }
+    }
 }

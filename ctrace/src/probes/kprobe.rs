@@ -13,6 +13,8 @@ pub struct Symbols {
     pub resolve_clash: Option<String>,
     pub l4proto_log_invalid: Option<String>,
     pub ct_l4proto_log_invalid: Option<String>,
+    /// nf_ct_delete: attached only while a table is nearly full (see `Tracer::watch_evictions`).
+    pub ct_delete: Option<String>,
 }
 
 impl Symbols {
@@ -26,6 +28,7 @@ impl Symbols {
             resolve_clash: kallsyms::find_function("nf_ct_resolve_clash")?,
             l4proto_log_invalid: kallsyms::find_function("nf_l4proto_log_invalid")?,
             ct_l4proto_log_invalid: kallsyms::find_function("nf_ct_l4proto_log_invalid")?,
+            ct_delete: kallsyms::find_function("nf_ct_delete")?,
         }))
     }
 
@@ -61,6 +64,7 @@ fn attach(ebpf: &mut Ebpf, prog: &str, function: &str) -> anyhow::Result<()> {
 }
 
 pub fn attach_all(ebpf: &mut Ebpf, s: &Symbols) -> anyhow::Result<()> {
+    attach(ebpf, "conntrack_early_drop", &s.early_drop)?;
     attach(ebpf, "conntrack_early_drop_ret", &s.early_drop)?;
     if let Some(f) = &s.resolve_clash {
         attach(ebpf, "conntrack_resolve_clash", f)?;

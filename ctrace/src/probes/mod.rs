@@ -11,7 +11,7 @@
 //! would pin the module, so `modprobe -r nf_conntrack` would fail while ctrace runs.
 
 pub mod kprobe;
-pub mod tracepoint;
+pub mod loader;
 
 use std::path::Path;
 

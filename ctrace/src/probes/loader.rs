@@ -8,7 +8,7 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf},
-    programs::BtfTracePoint,
+    programs::{BtfTracePoint, KProbe, kprobe::KProbeLinkId},
 };
 use ctrace_common::{CtStat, NetnsReasonKey, Reason};
 
@@ -29,6 +29,9 @@ pub struct KernelFilters {
 
 pub struct Tracer {
     ebpf: Ebpf,
+    /// nf_ct_delete, when evictions can be listed (kprobe mode, offsets of struct nf_conn known).
+    eviction_target: Option<String>,
+    eviction_link: Option<KProbeLinkId>,
 }
 
 /// Indexes of the `LOSSES` map (see ctrace-ebpf/src/maps.rs).
@@ -93,10 +96,53 @@ impl Tracer {
         prog.load("kfree_skb", &aya_btf)
             .context("cannot load the kfree_skb BTF tracepoint program (needs BTF tracepoints, Linux 5.5+)")?;
         prog.attach().context("cannot attach to the skb:kfree_skb tracepoint")?;
+        let mut eviction_target = None;
         if let super::Plan::Kprobe(symbols) = plan {
             super::kprobe::attach_all(&mut ebpf, symbols)?;
+            if kernel_layout.ct_tuple != 0 {
+                eviction_target = symbols.ct_delete.clone();
+                let p: &mut KProbe = ebpf
+                    .program_mut("conntrack_ct_delete")
+                    .context("program conntrack_ct_delete missing from the eBPF object")?
+                    .try_into()?;
+                p.load()
+                    .context("the kernel refused the kprobe program conntrack_ct_delete")?;
+            }
         }
-        Ok(Tracer { ebpf })
+        Ok(Tracer {
+            ebpf,
+            eviction_target,
+            eviction_link: None,
+        })
+    }
+
+    /// Whether early_drop evictions can be listed one by one on this kernel.
+    pub fn can_watch_evictions(&self) -> bool {
+        self.eviction_target.is_some()
+    }
+
+    /// Attaches (or detaches) the kprobe on nf_ct_delete that names evicted entries. It runs for
+    /// every deleted entry, so it is only attached while a table is nearly full.
+    pub fn watch_evictions(&mut self, on: bool) -> anyhow::Result<()> {
+        let Some(target) = self.eviction_target.clone() else {
+            return Ok(());
+        };
+        let p: &mut KProbe = self
+            .ebpf
+            .program_mut("conntrack_ct_delete")
+            .context("program conntrack_ct_delete missing")?
+            .try_into()?;
+        match (on, self.eviction_link.take()) {
+            (true, None) => {
+                self.eviction_link = Some(
+                    p.attach(&target, 0)
+                        .with_context(|| format!("cannot attach to {target}"))?,
+                )
+            }
+            (false, Some(link)) => p.detach(link)?,
+            (_, link) => self.eviction_link = link,
+        }
+        Ok(())
     }
 
     pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
