@@ -21,6 +21,18 @@ pub struct DropContext {
     pub table: Option<(u64, u64)>,
 }
 
+/// The columns of a text line (TIME and TABLE come from the caller).
+struct Row {
+    netns: String,
+    reason: Reason,
+    proto: String,
+    src: String,
+    dst: String,
+    process: String,
+    /// Printed after the TABLE column (the kernel's words, "evicted").
+    suffix: String,
+}
+
 pub enum Output {
     Text {
         out: Box<dyn Write + Send>,
@@ -42,6 +54,23 @@ fn netns_label(netns: u32, name: &Option<String>) -> String {
         None if netns == 0 => "?".to_owned(),
         None => netns.to_string(),
     }
+}
+
+/// The fields every drop record shares: event, ts, reason, netns (and name), table fill.
+fn drop_json(ts: OffsetDateTime, reason: Reason, netns: u32, ctx: &DropContext) -> serde_json::Map<String, Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("event".into(), json!("drop"));
+    m.insert("ts".into(), json!(rfc3339(ts)));
+    m.insert("reason".into(), json!(reason.name()));
+    m.insert("netns".into(), json!(netns));
+    if let Some(n) = &ctx.netns_name {
+        m.insert("netns_name".into(), json!(n));
+    }
+    if let Some((c, max)) = ctx.table {
+        m.insert("table_count".into(), json!(c));
+        m.insert("table_max".into(), json!(max));
+    }
+    m
 }
 
 fn flow_json(f: &Flow) -> serde_json::Map<String, Value> {
@@ -116,6 +145,35 @@ impl Output {
         }
     }
 
+    /// One text line in the drop table's columns.
+    fn text_row(
+        out: &mut Box<dyn Write + Send>,
+        header_done: &mut bool,
+        t: OffsetDateTime,
+        row: Row,
+        ctx: &DropContext,
+    ) {
+        Self::text_header(out, header_done);
+        let table = ctx.table.map(|(c, m)| format!("{c}/{m}")).unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            out,
+            "{:02}:{:02}:{:02}.{:03}  {:<24}  {:<14}  {:<6}  {:<28}  {:<28}  {:<20}  {}{}",
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.millisecond(),
+            row.netns,
+            row.reason.name(),
+            row.proto,
+            row.src,
+            row.dst,
+            row.process,
+            table,
+            row.suffix
+        );
+        let _ = out.flush();
+    }
+
     fn text_header(out: &mut Box<dyn Write + Send>, done: &mut bool) {
         if !*done {
             let _ = writeln!(
@@ -134,8 +192,6 @@ impl Output {
                 offset,
                 header_done,
             } => {
-                Self::text_header(out, header_done);
-                let t = ts.to_offset(*offset);
                 let (proto, src, dst) = match &d.flow {
                     Some(f) => (proto_name(f.proto), f.src_string(), f.dst_string()),
                     None => ("?".into(), "?".into(), "?".into()),
@@ -145,50 +201,31 @@ impl Output {
                     .as_ref()
                     .map(|p| format!("{}[{}]", p.comm, p.pid))
                     .unwrap_or_else(|| "-".into());
-                let table = ctx.table.map(|(c, m)| format!("{c}/{m}")).unwrap_or_else(|| "-".into());
                 let detail = match (&d.detail, d.evicted) {
                     (Some(s), _) => format!("  \"{s}\""),
                     (None, true) => "  (entry evicted to make room)".to_owned(),
                     (None, false) => String::new(),
                 };
-                let _ = writeln!(
-                    out,
-                    "{:02}:{:02}:{:02}.{:03}  {:<24}  {:<14}  {:<6}  {:<28}  {:<28}  {:<20}  {}{}",
-                    t.hour(),
-                    t.minute(),
-                    t.second(),
-                    t.millisecond(),
-                    netns_label(d.netns, &ctx.netns_name),
-                    d.reason.name(),
+                let row = Row {
+                    netns: netns_label(d.netns, &ctx.netns_name),
+                    reason: d.reason,
                     proto,
                     src,
                     dst,
                     process,
-                    table,
-                    detail
-                );
-                let _ = out.flush();
+                    suffix: detail,
+                };
+                Self::text_row(out, header_done, ts.to_offset(*offset), row, ctx);
             }
             Output::Json { out } => {
-                let mut m = serde_json::Map::new();
-                m.insert("event".into(), json!("drop"));
-                m.insert("ts".into(), json!(rfc3339(ts)));
-                m.insert("reason".into(), json!(d.reason.name()));
+                let mut m = drop_json(ts, d.reason, d.netns, ctx);
                 if let Some(f) = &d.flow {
                     m.extend(flow_json(f));
-                }
-                m.insert("netns".into(), json!(d.netns));
-                if let Some(n) = &ctx.netns_name {
-                    m.insert("netns_name".into(), json!(n));
                 }
                 m.insert("count".into(), json!(1));
                 if let Some(p) = &d.process {
                     m.insert("pid".into(), json!(p.pid));
                     m.insert("comm".into(), json!(p.comm));
-                }
-                if let Some((c, max)) = ctx.table {
-                    m.insert("table_count".into(), json!(c));
-                    m.insert("table_max".into(), json!(max));
                 }
                 if let Some(text) = &d.detail {
                     m.insert("detail".into(), json!(text));
@@ -211,41 +248,21 @@ impl Output {
                 offset,
                 header_done,
             } => {
-                Self::text_header(out, header_done);
-                let t = ts.to_offset(*offset);
-                let table = ctx.table.map(|(c, m)| format!("{c}/{m}")).unwrap_or_else(|| "-".into());
-                let _ = writeln!(
-                    out,
-                    "{:02}:{:02}:{:02}.{:03}  {:<24}  {:<14}  {:<6}  {:<28}  {:<28}  {:<20}  {}",
-                    t.hour(),
-                    t.minute(),
-                    t.second(),
-                    t.millisecond(),
-                    netns_label(netns, &ctx.netns_name),
-                    reason.name(),
-                    "*",
-                    format!("{count} entries evicted"),
-                    "(from kernel counters)",
-                    "-",
-                    table
-                );
-                let _ = out.flush();
+                let row = Row {
+                    netns: netns_label(netns, &ctx.netns_name),
+                    reason,
+                    proto: "*".into(),
+                    src: format!("{count} entries evicted"),
+                    dst: "(from kernel counters)".into(),
+                    process: "-".into(),
+                    suffix: String::new(),
+                };
+                Self::text_row(out, header_done, ts.to_offset(*offset), row, ctx);
             }
             Output::Json { out } => {
-                let mut m = serde_json::Map::new();
-                m.insert("event".into(), json!("drop"));
-                m.insert("ts".into(), json!(rfc3339(ts)));
-                m.insert("reason".into(), json!(reason.name()));
-                m.insert("netns".into(), json!(netns));
-                if let Some(n) = &ctx.netns_name {
-                    m.insert("netns_name".into(), json!(n));
-                }
+                let mut m = drop_json(ts, reason, netns, ctx);
                 m.insert("count".into(), json!(count));
                 m.insert("source".into(), json!("counters"));
-                if let Some((c, max)) = ctx.table {
-                    m.insert("table_count".into(), json!(c));
-                    m.insert("table_max".into(), json!(max));
-                }
                 Self::emit(out, Value::Object(m));
             }
         }
@@ -259,37 +276,25 @@ impl Output {
                 offset,
                 header_done,
             } => {
-                Self::text_header(out, header_done);
-                let t = ts.to_offset(*offset);
                 let dst = match (key.dst, &ports) {
                     (Some(d), Some(p)) => format!("{d} {p}"),
                     (Some(d), None) => d.to_string(),
                     (None, _) if v.others > 0 => format!("{} other destinations", v.others),
                     _ => "?".into(),
                 };
-                let table = ctx.table.map(|(c, m)| format!("{c}/{m}")).unwrap_or_else(|| "-".into());
-                let _ = writeln!(
-                    out,
-                    "{:02}:{:02}:{:02}.{:03}  {:<24}  {:<14}  {:<6}  {:<28}  {:<28}  {:<20}  {}",
-                    t.hour(),
-                    t.minute(),
-                    t.second(),
-                    t.millisecond(),
-                    netns_label(key.netns, &ctx.netns_name),
-                    key.reason.name(),
-                    key.proto.map(proto_name).unwrap_or_else(|| "?".into()),
-                    format!("x{} in 1s (aggregated)", v.count),
+                let row = Row {
+                    netns: netns_label(key.netns, &ctx.netns_name),
+                    reason: key.reason,
+                    proto: key.proto.map(proto_name).unwrap_or_else(|| "?".into()),
+                    src: format!("x{} in 1s (aggregated)", v.count),
                     dst,
-                    "-",
-                    table
-                );
-                let _ = out.flush();
+                    process: "-".into(),
+                    suffix: String::new(),
+                };
+                Self::text_row(out, header_done, ts.to_offset(*offset), row, ctx);
             }
             Output::Json { out } => {
-                let mut m = serde_json::Map::new();
-                m.insert("event".into(), json!("drop"));
-                m.insert("ts".into(), json!(rfc3339(ts)));
-                m.insert("reason".into(), json!(key.reason.name()));
+                let mut m = drop_json(ts, key.reason, key.netns, ctx);
                 if let Some(p) = key.proto {
                     m.insert("proto".into(), json!(proto_name(p)));
                 }
@@ -304,20 +309,12 @@ impl Output {
                         m.insert("dports_truncated".into(), json!(v.ports_overflow));
                     }
                 }
-                m.insert("netns".into(), json!(key.netns));
-                if let Some(n) = &ctx.netns_name {
-                    m.insert("netns_name".into(), json!(n));
-                }
                 m.insert("count".into(), json!(v.count));
                 m.insert("aggregated".into(), json!(true));
                 if v.others > 0 {
                     m.insert("other_destinations".into(), json!(v.others));
                 }
                 m.insert("window_ms".into(), json!(1000));
-                if let Some((c, max)) = ctx.table {
-                    m.insert("table_count".into(), json!(c));
-                    m.insert("table_max".into(), json!(max));
-                }
                 Self::emit(out, Value::Object(m));
             }
         }

@@ -56,8 +56,8 @@ evictions are counted from the kernel counters each second, without the evicted 
 pub const KPROBE_EXACTNESS: &str = "how exact: every packet that netfilter drops is seen at skb:kfree_skb; \
 kprobes on early_drop, nf_ct_resolve_clash and nf_(ct_)l4proto_log_invalid name table_full, unresolved \
 clashes and invalid packets exactly per packet, with the kernel's reason text; other insert failures and \
-ruleset drops are told apart by conntrack's per-CPU counters; early_drop evictions are counted from the \
-kernel counters each second, without the evicted flow.";
+ruleset drops are told apart by conntrack's per-CPU counters; early_drop evictions are counted exactly from the \
+kernel counters and, while a table is over 90% full, listed one by one with the evicted entry's flow.";
 
 /// Kprobes are usable when the kernel exposes the kprobe PMU (CONFIG_KPROBE_EVENTS).
 pub fn kernel_has_kprobes() -> bool {
