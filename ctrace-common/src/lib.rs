@@ -177,6 +177,58 @@ pub struct DropEvent {
     pub detail: [u8; DETAIL_LEN],
 }
 
+/// `ModuleEvent::kind`.
+pub mod module_kind {
+    /// module:module_load: the module is in memory, its init is about to run.
+    pub const LOAD: u32 = 1;
+    /// module:module_free: the module is being unloaded.
+    pub const FREE: u32 = 2;
+    /// syscalls:sys_enter_delete_module: someone asks to unload `name`.
+    pub const DELETE_ENTER: u32 = 3;
+    /// syscalls:sys_exit_delete_module: the answer (`ret`, 0 or -errno).
+    pub const DELETE_EXIT: u32 = 4;
+}
+
+pub const MODULE_NAME_LEN: usize = 56;
+pub const CMDLINE_LEN: usize = 128;
+
+/// A module load/unload step and the process behind it, from the module ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ModuleEvent {
+    pub ts_ns: u64,
+    /// Return value of delete_module (DELETE_EXIT), else 0.
+    pub ret: i64,
+    pub kind: u32,
+    /// tgid and parent tgid.
+    pub pid: u32,
+    pub ppid: u32,
+    pub uid: u32,
+    pub comm: [u8; TASK_COMM_LEN],
+    pub parent_comm: [u8; TASK_COMM_LEN],
+    pub name: [u8; MODULE_NAME_LEN],
+    /// The process's argv, NUL-separated, truncated.
+    pub cmdline: [u8; CMDLINE_LEN],
+}
+
+/// Offsets for module events: `struct module`, `struct task_struct`, `struct mm_struct`, and the
+/// syscall tracepoint records (read from tracefs `format` files).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ModuleLayout {
+    pub module_name: u32,
+    pub task_real_parent: u32,
+    pub task_tgid: u32,
+    pub task_comm: u32,
+    pub task_mm: u32,
+    pub mm_arg_start: u32,
+    pub mm_arg_end: u32,
+    /// sys_enter_delete_module: offset of `name_user`; sys_exit_delete_module: offset of `ret`.
+    pub delete_enter_name: u32,
+    pub delete_exit_ret: u32,
+    pub _pad: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are repr(C) and made of integers and integer arrays only; padding is
@@ -186,6 +238,7 @@ mod pod {
     unsafe impl aya::Pod for super::BaselineKey {}
     unsafe impl aya::Pod for super::NetnsReasonKey {}
     unsafe impl aya::Pod for super::PendingVerdict {}
+    unsafe impl aya::Pod for super::ModuleLayout {}
 }
 
 #[cfg(test)]
@@ -205,5 +258,7 @@ mod tests {
         // The ring buffer record and the globals are an ABI between the two sides.
         assert_eq!(core::mem::size_of::<DropEvent>(), 168);
         assert_eq!(core::mem::size_of::<KernelLayout>(), 104);
+        assert_eq!(core::mem::size_of::<ModuleEvent>(), 264);
+        assert_eq!(core::mem::size_of::<ModuleLayout>(), 40);
     }
 }

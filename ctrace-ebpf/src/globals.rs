@@ -111,3 +111,25 @@ pub fn l4proto_log_invalid_fmt() -> u32 {
 pub fn ct_l4proto_log_invalid_fmt() -> u32 {
     read_const(&raw const CT_L4PROTO_LOG_INVALID_FMT)
 }
+
+#[unsafe(no_mangle)]
+pub(crate) static MODULE_LAYOUT: ctrace_common::ModuleLayout = ctrace_common::ModuleLayout {
+    module_name: 0,
+    task_real_parent: 0,
+    task_tgid: 0,
+    task_comm: 0,
+    task_mm: 0,
+    mm_arg_start: 0,
+    mm_arg_end: 0,
+    delete_enter_name: 16,
+    delete_exit_ret: 16,
+    _pad: 0,
+};
+
+/// Reads one field of `MODULE_LAYOUT`.
+macro_rules! module_layout {
+    ($field:ident) => {
+        $crate::globals::read_const(&raw const $crate::globals::MODULE_LAYOUT.$field)
+    };
+}
+pub(crate) use module_layout;

@@ -347,6 +347,14 @@ impl Btf {
         None
     }
 
+    /// `sizeof(struct name)` (or a union's), e.g. `struct_size("nf_conn")` for the size of one conntrack entry.
+    pub fn struct_size(&self, name: &str) -> Result<u32, BtfError> {
+        let id = self.composite(name)?;
+        self.ty(id)
+            .map(|t| t.size_or_type)
+            .ok_or(BtfError::Malformed("type id out of range"))
+    }
+
     /// Value of enumerator `value` in enum `name`.
     pub fn enum_value(&self, name: &str, value: &str) -> Result<i64, BtfError> {
         let ids: Vec<u32> = self
@@ -446,6 +454,14 @@ mod tests {
             Err(BtfError::Bitfield { .. })
         ));
         assert!(matches!(btf.member_offset("absent", "x"), Err(BtfError::NoType { .. })));
+    }
+
+    #[test]
+    fn struct_sizes() {
+        let btf = Btf::parse(&sample(), None).unwrap();
+        assert_eq!(btf.struct_size("outer").unwrap(), 24);
+        assert_eq!(btf.struct_size("inner").unwrap(), 8);
+        assert!(matches!(btf.struct_size("absent"), Err(BtfError::NoType { .. })));
     }
 
     #[test]

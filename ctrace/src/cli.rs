@@ -24,6 +24,8 @@ pub enum Command {
     Run(RunArgs),
     /// Make conntrack drop packets in a throwaway network namespace and trace them.
     Demo(DemoArgs),
+    /// Audit conntrack sizing, persistence, reload traps, load, timeouts and counters (no root needed).
+    Check(CheckArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -79,6 +81,19 @@ pub struct DemoArgs {
     pub lower_global_max: Option<u64>,
 }
 
+#[derive(Debug, Args, Clone)]
+pub struct CheckArgs {
+    /// Print one JSON document (schema in the README) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Do not report these finding ids (repeatable, or comma-separated), e.g. CT-SIZE-SUMMARY.
+    #[arg(long, value_name = "ID", value_delimiter = ',', value_parser = crate::check::parse_id)]
+    pub ignore: Vec<String>,
+    /// Audit the system mounted at DIR (a disk image or a fixture tree): /proc, /sys and /etc are read under DIR.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub root: std::path::PathBuf,
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
@@ -128,6 +143,32 @@ mod tests {
     }
 
     #[test]
+    fn check_flags() {
+        let cli = Cli::try_parse_from([
+            "ctrace",
+            "check",
+            "--json",
+            "--ignore",
+            "ct-size-summary,CT-LOAD-TOP",
+            "--ignore",
+            "CT-COUNTER-INVALID",
+            "--root",
+            "/tmp",
+        ])
+        .unwrap();
+        let Command::Check(a) = cli.command else {
+            panic!("check expected")
+        };
+        assert!(a.json);
+        assert_eq!(a.ignore, ["CT-SIZE-SUMMARY", "CT-LOAD-TOP", "CT-COUNTER-INVALID"]);
+        assert_eq!(a.root, std::path::PathBuf::from("/tmp"));
+        let Command::Check(d) = Cli::try_parse_from(["ctrace", "check"]).unwrap().command else {
+            panic!("check expected")
+        };
+        assert_eq!(d.root, std::path::PathBuf::from("/"));
+    }
+
+    #[test]
     fn flags_parse_and_bad_values_are_usage_errors() {
         let cli = Cli::try_parse_from([
             "ctrace",
@@ -158,6 +199,8 @@ mod tests {
             &["ctrace", "run", "--host", "300.1.1.1"],
             &["ctrace", "run", "--reason", "full"],
             &["ctrace", "run", "--mode", "magic"],
+            &["ctrace", "check", "--ignore", "CT-NO-SUCH-ID"],
+            &["ctrace", "check", "--bogus"],
         ] {
             let err = Cli::try_parse_from(args).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{args:?}");

@@ -32,16 +32,17 @@ fn find_range(lines: impl Iterator<Item = String>, name: &str) -> anyhow::Result
     Ok(None)
 }
 
-/// The exact text symbol for function `name`: the name itself or a compiler clone of it
-/// (`name.isra.0`, `name.constprop.0`), in vmlinux or a loaded module. None when absent.
-pub fn find_function(name: &str) -> anyhow::Result<Option<String>> {
+/// The exact text symbol of each function in `names`: the name itself or a compiler clone of it
+/// (`name.isra.0`, `name.constprop.0`), in vmlinux or a loaded module; None when absent. One pass
+/// over /proc/kallsyms (it is large, and slow to read on small machines).
+pub fn find_functions(names: &[&str]) -> anyhow::Result<Vec<Option<String>>> {
     let f = std::fs::File::open("/proc/kallsyms").context("cannot open /proc/kallsyms")?;
-    Ok(find_function_in(BufReader::new(f).lines().map_while(Result::ok), name))
+    Ok(find_functions_in(BufReader::new(f).lines().map_while(Result::ok), names))
 }
 
-fn find_function_in(lines: impl Iterator<Item = String>, name: &str) -> Option<String> {
-    let prefix = format!("{name}.");
-    let mut clone = None;
+fn find_functions_in(lines: impl Iterator<Item = String>, names: &[&str]) -> Vec<Option<String>> {
+    let mut exact: Vec<Option<String>> = vec![None; names.len()];
+    let mut clone: Vec<Option<String>> = vec![None; names.len()];
     for line in lines {
         let mut it = line.split_whitespace();
         let (Some(_), Some(kind), Some(sym)) = (it.next(), it.next(), it.next()) else {
@@ -50,15 +51,20 @@ fn find_function_in(lines: impl Iterator<Item = String>, name: &str) -> Option<S
         if !matches!(kind, "t" | "T") {
             continue;
         }
-        if sym == name {
-            return Some(sym.to_owned());
-        }
-        // Cold parts (`name.cold`) are not entry points.
-        if clone.is_none() && sym.starts_with(&prefix) && !sym.ends_with(".cold") {
-            clone = Some(sym.to_owned());
+        let base = sym.split('.').next().unwrap_or(sym);
+        for (i, name) in names.iter().enumerate() {
+            if base != *name {
+                continue;
+            }
+            if sym == *name {
+                exact[i] = Some(sym.to_owned());
+            } else if clone[i].is_none() && !sym.ends_with(".cold") {
+                // Cold parts (`name.cold`) are not entry points.
+                clone[i] = Some(sym.to_owned());
+            }
         }
     }
-    clone
+    exact.into_iter().zip(clone).map(|(e, c)| e.or(c)).collect()
 }
 
 #[cfg(test)]
@@ -92,12 +98,8 @@ mod tests {
             .map(String::from)
             .into_iter()
         };
-        assert_eq!(find_function_in(lines(), "early_drop").as_deref(), Some("early_drop"));
-        assert_eq!(
-            find_function_in(lines(), "init_conntrack").as_deref(),
-            Some("init_conntrack.isra.0")
-        );
-        assert_eq!(find_function_in(lines(), "nf_ct_resolve_clash"), None);
+        let found = find_functions_in(lines(), &["early_drop", "init_conntrack", "nf_ct_resolve_clash"]);
+        assert_eq!(found, vec![Some("early_drop".to_owned()), Some("init_conntrack.isra.0".to_owned()), None]);
     }
 
     #[test]

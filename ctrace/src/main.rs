@@ -7,12 +7,14 @@
 
 mod aggregate;
 mod btf;
+mod check;
 mod cli;
 mod ctstat;
 mod demo;
 mod event;
 mod kallsyms;
 mod layout;
+mod modules;
 mod netns;
 mod output;
 mod privileges;
@@ -32,7 +34,7 @@ fn make_output(json: bool, offset: time::UtcOffset) -> Output {
     if json {
         Output::json(stdout)
     } else {
-        Output::text(stdout, offset)
+        Output::text(stdout, offset, std::io::stdout().is_terminal())
     }
 }
 
@@ -46,6 +48,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let offset = local_offset();
+
+    // `check` reads files only and works without root: it reports what it could not read.
+    let cli = match cli.command {
+        Command::Check(args) => return check::main(args),
+        command => Cli { command },
+    };
 
     if let Some(msg) = privileges::check() {
         eprintln!("ctrace: {msg}");
@@ -71,6 +79,7 @@ fn main() -> ExitCode {
                 session::run(args, out, session::Hooks::default()).await.map(|_| ())
             }
             Command::Demo(args) => demo::run(args, offset).await,
+            Command::Check(_) => Err(anyhow::anyhow!("check is dispatched before the privilege check")),
         }
     });
     match result {

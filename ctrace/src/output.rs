@@ -9,6 +9,7 @@ use time::{OffsetDateTime, UtcOffset, format_description::well_known::Rfc3339};
 
 use crate::{
     aggregate::{AggKey, AggValue},
+    modules::{Action, ModuleChange, errno_name},
     event::{Drop, Flow, has_ports, is_icmp, proto_name},
     summary::Summary,
 };
@@ -38,6 +39,8 @@ pub enum Output {
         out: Box<dyn Write + Send>,
         offset: UtcOffset,
         header_done: bool,
+        /// Terminal escapes for the lines an SRE must not miss (module and sysctl events).
+        highlight: bool,
     },
     Json {
         out: Box<dyn Write + Send>,
@@ -98,12 +101,82 @@ fn reasons_json(drops: &std::collections::BTreeMap<Reason, u64>) -> Value {
 }
 
 impl Output {
-    pub fn text(out: Box<dyn Write + Send>, offset: UtcOffset) -> Output {
+    pub fn text(out: Box<dyn Write + Send>, offset: UtcOffset, highlight: bool) -> Output {
         Output::Text {
             out,
             offset,
             header_done: false,
+            highlight,
         }
+    }
+
+    /// A highlighted text line, or a JSON object, for events that change what conntrack will do.
+    fn alert(&mut self, ts: OffsetDateTime, text: &str, json: serde_json::Map<String, Value>) {
+        match self {
+            Output::Text {
+                out,
+                offset,
+                highlight,
+                ..
+            } => {
+                let t = ts.to_offset(*offset);
+                let stamp = format!("{:02}:{:02}:{:02}.{:03}", t.hour(), t.minute(), t.second(), t.millisecond());
+                let _ = if *highlight {
+                    writeln!(out, "\x1b[1;33m{stamp}  >>> {text}\x1b[0m")
+                } else {
+                    writeln!(out, "{stamp}  >>> {text}")
+                };
+                let _ = out.flush();
+            }
+            Output::Json { out } => Self::emit(out, Value::Object(json)),
+        }
+    }
+
+    pub fn module(&mut self, ts: OffsetDateTime, c: &ModuleChange) {
+        let who = format!(
+            "{}[{}] (uid {}, parent {}[{}]): {}",
+            c.actor.comm, c.actor.pid, c.actor.uid, c.actor.parent_comm, c.actor.ppid, c.actor.cmdline
+        );
+        let text = match c.action {
+            Action::Load => format!("MODULE {} loaded by {who}", c.name),
+            Action::Unload => format!("MODULE {} unloaded by {who}", c.name),
+            Action::UnloadFailed => format!(
+                "MODULE {} unload failed ({}){} - requested by {who}",
+                c.name,
+                c.errno.map(errno_name).unwrap_or_default(),
+                if c.holders.is_empty() { String::new() } else { format!(", held by {}", c.holders.join(", ")) }
+            ),
+        };
+        let mut m = serde_json::Map::new();
+        m.insert("event".into(), json!("module"));
+        m.insert("ts".into(), json!(rfc3339(ts)));
+        m.insert("action".into(), json!(c.action.name()));
+        m.insert("name".into(), json!(c.name));
+        if let Some(e) = c.errno {
+            m.insert("errno".into(), json!(e));
+            m.insert("holders".into(), json!(c.holders));
+        }
+        m.insert("pid".into(), json!(c.actor.pid));
+        m.insert("uid".into(), json!(c.actor.uid));
+        m.insert("comm".into(), json!(c.actor.comm));
+        m.insert("ppid".into(), json!(c.actor.ppid));
+        m.insert("parent_comm".into(), json!(c.actor.parent_comm));
+        m.insert("cmdline".into(), json!(c.actor.cmdline));
+        self.alert(ts, &text, m);
+    }
+
+    pub fn reattached(&mut self, ts: OffsetDateTime, module: &str, probes: &[String]) {
+        let text = if probes.is_empty() {
+            format!("{module} is back: attribution restarted from its fresh counters")
+        } else {
+            format!("{module} is back: kprobes re-attached to {}", probes.join(", "))
+        };
+        let mut m = serde_json::Map::new();
+        m.insert("event".into(), json!("reattached"));
+        m.insert("ts".into(), json!(rfc3339(ts)));
+        m.insert("module".into(), json!(module));
+        m.insert("probes".into(), json!(probes));
+        self.alert(ts, &text, m);
     }
 
     pub fn json(out: Box<dyn Write + Send>) -> Output {
@@ -191,6 +264,7 @@ impl Output {
                 out,
                 offset,
                 header_done,
+                ..
             } => {
                 let (proto, src, dst) = match &d.flow {
                     Some(f) => (proto_name(f.proto), f.src_string(), f.dst_string()),
@@ -247,6 +321,7 @@ impl Output {
                 out,
                 offset,
                 header_done,
+                ..
             } => {
                 let row = Row {
                     netns: netns_label(netns, &ctx.netns_name),
@@ -275,6 +350,7 @@ impl Output {
                 out,
                 offset,
                 header_done,
+                ..
             } => {
                 let dst = match (key.dst, &ports) {
                     (Some(d), Some(p)) => format!("{d} {p}"),
@@ -587,7 +663,7 @@ mod tests {
     #[test]
     fn text_line_shows_flow_process_and_fill() {
         let buf = Buf::default();
-        let mut o = Output::text(Box::new(buf.clone()), UtcOffset::UTC);
+        let mut o = Output::text(Box::new(buf.clone()), UtcOffset::UTC, false);
         o.drop(
             OffsetDateTime::UNIX_EPOCH,
             &sample_drop(),

@@ -20,7 +20,7 @@ use crate::{
     aggregate::{Admit, AggKey, AggValue, RateLimiter},
     cli::RunArgs,
     ctstat::{CounterDelta, CtStats},
-    event,
+    event, modules,
     netns::{self, Registry},
     output::{DropContext, Output},
     probes::{
@@ -77,6 +77,28 @@ struct Watched {
     listed_evictions: u64,
     /// Evictions reported as counter-only remainders.
     counted_evictions: u64,
+    /// What earlier module instances counted: a reload starts the kernel's counters at zero.
+    carried: CounterDelta,
+}
+
+impl Watched {
+    /// The kernel's counter increases since ctrace started, across module reloads.
+    fn delta(&self) -> CounterDelta {
+        let now = CounterDelta::between(&self.first, &self.last);
+        CounterDelta {
+            drop: self.carried.drop + now.drop,
+            early_drop: self.carried.early_drop + now.early_drop,
+            insert_failed: self.carried.insert_failed + now.insert_failed,
+            invalid: self.carried.invalid + now.invalid,
+        }
+    }
+
+    /// The module went away (or came back): keep what was counted, restart from zero.
+    fn carry_over(&mut self) {
+        self.carried = self.delta();
+        self.first = CtStats::default();
+        self.last = CtStats::default();
+    }
 }
 
 struct Session {
@@ -91,6 +113,9 @@ struct Session {
     max: Option<u64>,
     max_read: Instant,
     eviction_watch: bool,
+    modules: modules::Correlator,
+    /// nf_conntrack was loaded and its init may still be running: when it is live, re-attach.
+    reload_pending: Option<Instant>,
 }
 
 impl Session {
@@ -139,6 +164,51 @@ impl Session {
         }
     }
 
+    fn handle_module_record(&mut self, bytes: &[u8]) {
+        let Some(raw) = modules::parse_record(bytes) else { return };
+        let Some(change) = self.modules.feed(&raw, modules::holders) else { return };
+        log::debug!(
+            "module event {:?} {} handled {} ms after it happened",
+            change.action,
+            change.name,
+            (Clock::now().mono_ns - change.ts_ns as i128) / 1_000_000
+        );
+        self.out.module(self.clock.wall(change.ts_ns), &change);
+        if change.name == "nf_conntrack" {
+            match change.action {
+                modules::Action::Load => self.reload_pending = Some(Instant::now()),
+                // The module's counters are gone: what was counted so far is kept (see `carry`).
+                modules::Action::Unload => {
+                    for w in self.watched.values_mut() {
+                        w.carry_over();
+                    }
+                }
+                modules::Action::UnloadFailed => {}
+            }
+        }
+    }
+
+    /// Once the reloaded nf_conntrack is live: probes and baselines start over.
+    fn finish_reload(&mut self, tracer: &mut Tracer) {
+        let Some(since) = self.reload_pending else { return };
+        if !modules::is_live("nf_conntrack") {
+            if since.elapsed() > Duration::from_secs(30) {
+                self.out.notice("nf_conntrack was loaded but did not finish initialising within 30 s");
+                self.reload_pending = None;
+            }
+            return;
+        }
+        self.reload_pending = None;
+        self.eviction_watch = false;
+        for w in self.watched.values_mut() {
+            w.carry_over();
+        }
+        match tracer.reattach_conntrack() {
+            Ok(probes) => self.out.reattached(OffsetDateTime::now_utc(), "nf_conntrack", &probes),
+            Err(e) => self.out.notice(&format!("could not re-attach to the reloaded nf_conntrack: {e:#}")),
+        }
+    }
+
     /// Reads every watched netns's counters (starting to watch new netns from zero: a new netns's
     /// counters start at zero).
     fn poll_counters(&mut self) {
@@ -164,7 +234,7 @@ impl Session {
         }
         let mut lines = vec![];
         for (n, w) in &mut self.watched {
-            let kernel = CounterDelta::between(&w.first, &w.last).early_drop;
+            let kernel = w.delta().early_drop;
             let remainder = kernel.saturating_sub(w.listed_evictions + w.counted_evictions);
             if remainder > 0 {
                 w.counted_evictions += remainder;
@@ -287,6 +357,8 @@ pub async fn run(args: RunArgs, out: Output, hooks: Hooks) -> anyhow::Result<Sum
         max: netns::conntrack_max(),
         max_read: Instant::now(),
         eviction_watch: false,
+        modules: modules::Correlator::default(),
+        reload_pending: None,
     };
 
     // Counters before attaching: they seed the per-CPU baselines and the summary's deltas.
@@ -320,6 +392,9 @@ pub async fn run(args: RunArgs, out: Output, hooks: Hooks) -> anyhow::Result<Sum
     if let Some(tx) = ready {
         let _ = tx.send(());
     }
+    if let Some(why) = &tracer.modules_unwatched {
+        s.out.notice(why);
+    }
     if flow_filtered {
         s.out.notice(
             "early_drop evictions are not counted while --proto, --port or --host is set (the kernel counters \
@@ -330,6 +405,14 @@ carry no flow)",
     // SAFETY: the RingBuf owns its map fd, which stays open and unchanged until the AsyncFd drops it.
     let mut events = unsafe { AsyncFd::register_with_interest(tracer.take_events()?, tokio::io::Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("cannot poll the ring buffer: {e}"))?;
+    // SAFETY: as above.
+    let mut module_events = match tracer.take_module_events()? {
+        Some(rb) => Some(
+            unsafe { AsyncFd::register_with_interest(rb, tokio::io::Interest::READABLE) }
+                .map_err(|e| anyhow::anyhow!("cannot poll the module ring buffer: {e}"))?,
+        ),
+        None => None,
+    };
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -346,6 +429,26 @@ carry no flow)",
                 None => std::future::pending::<()>().await,
             }
         };
+        let module_ready = async {
+            match module_events.as_mut() {
+                Some(fd) => fd.readable_mut().await.map(|mut g| {
+                    let mut records = vec![];
+                    while let Some(item) = g.get_inner_mut().next() {
+                        records.push(item.to_vec());
+                    }
+                    g.clear_ready();
+                    records
+                }),
+                None => std::future::pending().await,
+            }
+        };
+        let reload_poll = async {
+            if s.reload_pending.is_some() {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            } else {
+                std::future::pending::<()>().await
+            }
+        };
         let until_deadline = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
@@ -358,6 +461,13 @@ carry no flow)",
                 s.drain(guard.get_inner_mut());
                 guard.clear_ready();
             }
+            records = module_ready => {
+                for r in records.context("module ring buffer poll failed")? {
+                    s.handle_module_record(&r);
+                }
+                s.finish_reload(&mut tracer);
+            }
+            _ = reload_poll => s.finish_reload(&mut tracer),
             _ = tick.tick() => {
                 ticks += 1;
                 s.max = netns::conntrack_max();
@@ -383,7 +493,15 @@ carry no flow)",
     let lost = tracer.lost_events()?;
     let lost_split = tracer.lost_netns_split()?;
     let mut events = events.into_inner();
+    let mut module_events = module_events.map(AsyncFd::into_inner);
     drop(tracer);
+    if let Some(rb) = module_events.as_mut() {
+        while let Some(item) = rb.next() {
+            let bytes = item.to_vec();
+            drop(item);
+            s.handle_module_record(&bytes);
+        }
+    }
     s.poll_counters();
     s.drain(&mut events);
     s.report_counted_evictions(OffsetDateTime::now_utc());
@@ -407,7 +525,7 @@ carry no flow)",
     }
     let mut early_total = 0;
     for (n, w) in &s.watched {
-        let delta = CounterDelta::between(&w.first, &w.last);
+        let delta = w.delta();
         if delta.is_zero() && !by_netns.contains_key(n) {
             continue;
         }
@@ -459,6 +577,8 @@ mod tests {
             max: Some(100),
             max_read: Instant::now(),
             eviction_watch: false,
+            modules: modules::Correlator::default(),
+            reload_pending: None,
         }
     }
 
@@ -482,5 +602,18 @@ mod tests {
         s.report_counted_evictions(OffsetDateTime::UNIX_EPOCH);
         let w = &s.watched[&7];
         assert_eq!(w.listed_evictions + w.counted_evictions, 10);
+    }
+
+    #[test]
+    fn counts_survive_a_module_reload() {
+        let mut w = Watched {
+            first: stats(10),
+            last: stats(15),
+            ..Default::default()
+        };
+        w.carry_over();
+        // The reloaded module counts from zero.
+        w.last = stats(4);
+        assert_eq!(w.delta().early_drop, 9);
     }
 }

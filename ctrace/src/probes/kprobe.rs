@@ -1,7 +1,10 @@
 //! kprobe mode: attaches the failure-only conntrack probes (ctrace-ebpf/src/probes/conntrack.rs).
 
 use anyhow::Context as _;
-use aya::{Ebpf, programs::KProbe};
+use aya::{
+    Ebpf,
+    programs::{KProbe, kprobe::KProbeLinkId},
+};
 
 use crate::kallsyms;
 
@@ -20,15 +23,24 @@ pub struct Symbols {
 impl Symbols {
     /// None when nf_conntrack is not loaded (or early_drop was inlined away).
     pub fn find() -> anyhow::Result<Option<Symbols>> {
-        let Some(early_drop) = kallsyms::find_function("early_drop")? else {
+        let mut found = kallsyms::find_functions(&[
+            "early_drop",
+            "nf_ct_resolve_clash",
+            "nf_l4proto_log_invalid",
+            "nf_ct_l4proto_log_invalid",
+            "nf_ct_delete",
+        ])?
+        .into_iter();
+        let mut next = || found.next().flatten();
+        let Some(early_drop) = next() else {
             return Ok(None);
         };
         Ok(Some(Symbols {
             early_drop,
-            resolve_clash: kallsyms::find_function("nf_ct_resolve_clash")?,
-            l4proto_log_invalid: kallsyms::find_function("nf_l4proto_log_invalid")?,
-            ct_l4proto_log_invalid: kallsyms::find_function("nf_ct_l4proto_log_invalid")?,
-            ct_delete: kallsyms::find_function("nf_ct_delete")?,
+            resolve_clash: next(),
+            l4proto_log_invalid: next(),
+            ct_l4proto_log_invalid: next(),
+            ct_delete: next(),
         }))
     }
 
@@ -51,32 +63,63 @@ pub fn log_invalid_fmt_args(release: &str) -> (u32, u32) {
     if (major, minor) >= (5, 15) { (3, 3) } else { (4, 2) }
 }
 
-fn attach(ebpf: &mut Ebpf, prog: &str, function: &str) -> anyhow::Result<()> {
-    let p: &mut KProbe = ebpf
+/// The programs and the functions they attach to (optional functions may be absent).
+fn targets(s: &Symbols) -> Vec<(&'static str, Option<&str>)> {
+    vec![
+        ("conntrack_early_drop", Some(s.early_drop.as_str())),
+        ("conntrack_early_drop_ret", Some(s.early_drop.as_str())),
+        ("conntrack_resolve_clash", s.resolve_clash.as_deref()),
+        ("conntrack_resolve_clash_ret", s.resolve_clash.as_deref()),
+        ("conntrack_l4proto_log_invalid", s.l4proto_log_invalid.as_deref()),
+        ("conntrack_ct_l4proto_log_invalid", s.ct_l4proto_log_invalid.as_deref()),
+    ]
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, prog: &str) -> anyhow::Result<&'a mut KProbe> {
+    Ok(ebpf
         .program_mut(prog)
         .with_context(|| format!("program {prog} missing from the eBPF object"))?
-        .try_into()?;
-    p.load()
-        .with_context(|| format!("the kernel refused the kprobe program {prog}"))?;
-    p.attach(function, 0)
-        .with_context(|| format!("cannot attach a kprobe to {function}"))?;
+        .try_into()?)
+}
+
+/// Loads every conntrack kprobe program (once; attaching can then be redone after a reload).
+pub fn load_all(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    for prog in [
+        "conntrack_early_drop",
+        "conntrack_early_drop_ret",
+        "conntrack_resolve_clash",
+        "conntrack_resolve_clash_ret",
+        "conntrack_l4proto_log_invalid",
+        "conntrack_ct_l4proto_log_invalid",
+        "conntrack_ct_delete",
+    ] {
+        program(ebpf, prog)?
+            .load()
+            .with_context(|| format!("the kernel refused the kprobe program {prog}"))?;
+    }
     Ok(())
 }
 
-pub fn attach_all(ebpf: &mut Ebpf, s: &Symbols) -> anyhow::Result<()> {
-    attach(ebpf, "conntrack_early_drop", &s.early_drop)?;
-    attach(ebpf, "conntrack_early_drop_ret", &s.early_drop)?;
-    if let Some(f) = &s.resolve_clash {
-        attach(ebpf, "conntrack_resolve_clash", f)?;
-        attach(ebpf, "conntrack_resolve_clash_ret", f)?;
+/// Attaches the failure-path probes; returns the links, to detach them on a module reload.
+pub fn attach_all(ebpf: &mut Ebpf, s: &Symbols) -> anyhow::Result<Vec<(&'static str, KProbeLinkId)>> {
+    let mut links = vec![];
+    for (prog, function) in targets(s) {
+        let Some(function) = function else { continue };
+        let link = program(ebpf, prog)?
+            .attach(function, 0)
+            .with_context(|| format!("cannot attach a kprobe to {function}"))?;
+        links.push((prog, link));
     }
-    if let Some(f) = &s.l4proto_log_invalid {
-        attach(ebpf, "conntrack_l4proto_log_invalid", f)?;
+    Ok(links)
+}
+
+/// Detaches probes whose module went away (the kernel already disabled them).
+pub fn detach_all(ebpf: &mut Ebpf, links: Vec<(&'static str, KProbeLinkId)>) {
+    for (prog, link) in links {
+        if let Ok(p) = program(ebpf, prog) {
+            let _ = p.detach(link);
+        }
     }
-    if let Some(f) = &s.ct_l4proto_log_invalid {
-        attach(ebpf, "conntrack_ct_l4proto_log_invalid", f)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -29,6 +29,10 @@ pub struct KernelFilters {
 
 pub struct Tracer {
     ebpf: Ebpf,
+    /// Conntrack kprobes in kprobe mode, re-attached after nf_conntrack reloads.
+    kprobe_links: Vec<(&'static str, KProbeLinkId)>,
+    /// Why module events are not watched (None = they are).
+    pub modules_unwatched: Option<String>,
     /// nf_ct_delete, when evictions can be listed (kprobe mode, offsets of struct nf_conn known).
     eviction_target: Option<String>,
     eviction_link: Option<KProbeLinkId>,
@@ -72,6 +76,15 @@ impl Tracer {
             .unwrap_or_default();
         let (l4_fmt, ct_l4_fmt) = super::kprobe::log_invalid_fmt_args(&release);
 
+        let module_layout = if crate::modules::kernel_has_modules() {
+            crate::modules::layout(&btf, std::path::Path::new(crate::modules::TRACEFS))
+                .map_err(|e| format!("module events are not watched: {e:#}"))
+        } else {
+            Err("this kernel has no loadable modules (CONFIG_MODULES is off): nf_conntrack is built in, so no \
+reload can reset its sysctls"
+                .to_owned())
+        };
+        let module_globals = module_layout.clone().unwrap_or_default();
         let mut ebpf = EbpfLoader::new()
             .override_global("LAYOUT", &kernel_layout, true)
             .override_global("FILTER_NETNS", &filters.netns, true)
@@ -83,6 +96,7 @@ impl Tracer {
             .override_global("KPROBE_MODE", &kprobe_mode, true)
             .override_global("L4PROTO_LOG_INVALID_FMT", &l4_fmt, true)
             .override_global("CT_L4PROTO_LOG_INVALID_FMT", &ct_l4_fmt, true)
+            .override_global("MODULE_LAYOUT", &module_globals, true)
             .load(EBPF_OBJECT)
             .context("the kernel refused ctrace's BPF programs")?;
 
@@ -97,20 +111,22 @@ impl Tracer {
             .context("cannot load the kfree_skb BTF tracepoint program (needs BTF tracepoints, Linux 5.5+)")?;
         prog.attach().context("cannot attach to the skb:kfree_skb tracepoint")?;
         let mut eviction_target = None;
+        let mut kprobe_links = vec![];
         if let super::Plan::Kprobe(symbols) = plan {
-            super::kprobe::attach_all(&mut ebpf, symbols)?;
+            super::kprobe::load_all(&mut ebpf)?;
+            kprobe_links = super::kprobe::attach_all(&mut ebpf, symbols)?;
             if kernel_layout.ct_tuple != 0 {
                 eviction_target = symbols.ct_delete.clone();
-                let p: &mut KProbe = ebpf
-                    .program_mut("conntrack_ct_delete")
-                    .context("program conntrack_ct_delete missing from the eBPF object")?
-                    .try_into()?;
-                p.load()
-                    .context("the kernel refused the kprobe program conntrack_ct_delete")?;
             }
         }
+        let modules_unwatched = match &module_layout {
+            Ok(_) => crate::modules::attach(&mut ebpf, &aya_btf).err().map(|e| format!("{e:#}")),
+            Err(why) => Some(why.clone()),
+        };
         Ok(Tracer {
             ebpf,
+            kprobe_links,
+            modules_unwatched,
             eviction_target,
             eviction_link: None,
         })
@@ -143,6 +159,39 @@ impl Tracer {
             (_, link) => self.eviction_link = link,
         }
         Ok(())
+    }
+
+    /// After nf_conntrack came back: its old kprobes died with the old module; attach anew to
+    /// the new module's functions and start attribution baselines from zero (a reload zeroes
+    /// the kernel's counters). Returns the functions probed.
+    pub fn reattach_conntrack(&mut self) -> anyhow::Result<Vec<String>> {
+        self.eviction_link = None;
+        let mut baseline: PerCpuHashMap<_, u32, CtStat> =
+            PerCpuHashMap::try_from(self.ebpf.map_mut("BASELINE").context("BASELINE map missing")?)?;
+        let keys: Vec<u32> = baseline.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            let _ = baseline.remove(&k);
+        }
+        if self.kprobe_links.is_empty() && self.eviction_target.is_none() {
+            return Ok(vec![]);
+        }
+        let old = std::mem::take(&mut self.kprobe_links);
+        super::kprobe::detach_all(&mut self.ebpf, old);
+        let symbols = super::kprobe::Symbols::find()?
+            .context("nf_conntrack is back but early_drop is not in /proc/kallsyms")?;
+        self.kprobe_links = super::kprobe::attach_all(&mut self.ebpf, &symbols)?;
+        if self.eviction_target.is_some() {
+            self.eviction_target = symbols.ct_delete.clone();
+        }
+        Ok(symbols.describe().split(", ").map(String::from).collect())
+    }
+
+    pub fn take_module_events(&mut self) -> anyhow::Result<Option<RingBuf<MapData>>> {
+        if self.modules_unwatched.is_some() {
+            return Ok(None);
+        }
+        let map = self.ebpf.take_map("MODULE_EVENTS").context("MODULE_EVENTS map missing")?;
+        Ok(Some(RingBuf::try_from(map)?))
     }
 
     pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {

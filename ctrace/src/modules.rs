@@ -1,0 +1,307 @@
+//! Module loads and unloads around nf_conntrack, and the process behind each: the kernel side is
+//! ctrace-ebpf/src/probes/module.rs. Kernels without CONFIG_MODULES (nf_conntrack built in)
+//! have nothing to watch: `attach` says so and the session goes on without it.
+
+use std::{collections::HashMap, fs, path::Path};
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf,
+    programs::{BtfTracePoint, TracePoint},
+};
+use ctrace_common::{ModuleEvent, ModuleLayout, module_kind};
+
+use crate::{btf::Btf, sanitize::kernel_str};
+
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Whether modules can come and go on this kernel at all.
+pub fn kernel_has_modules() -> bool {
+    Path::new("/proc/modules").exists()
+}
+
+/// Resolves the offsets the module programs need. `tracefs` is where the syscall tracepoints'
+/// `format` files are (their field offsets are read, not assumed).
+pub fn layout(btf: &Btf, tracefs: &Path) -> anyhow::Result<ModuleLayout> {
+    let off = |s: &str, p: &str| btf.member_offset(s, p);
+    let field = |event: &str, name: &str| -> anyhow::Result<u32> {
+        let path = tracefs.join("events/syscalls").join(event).join("format");
+        let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        format_offset(&text, name).ok_or_else(|| anyhow!("{} has no field {name}", path.display()))
+    };
+    Ok(ModuleLayout {
+        module_name: off("module", "name")?,
+        task_real_parent: off("task_struct", "real_parent")?,
+        task_tgid: off("task_struct", "tgid")?,
+        task_comm: off("task_struct", "comm")?,
+        task_mm: off("task_struct", "mm")?,
+        mm_arg_start: off("mm_struct", "arg_start")?,
+        mm_arg_end: off("mm_struct", "arg_end")?,
+        delete_enter_name: field("sys_enter_delete_module", "name_user")?,
+        delete_exit_ret: field("sys_exit_delete_module", "ret")?,
+        _pad: 0,
+    })
+}
+
+/// Offset of `name` in a tracefs `format` file (`field:const char * name_user;	offset:16;	size:8;	signed:0;`).
+fn format_offset(format: &str, name: &str) -> Option<u32> {
+    format.lines().find_map(|line| {
+        let line = line.trim();
+        let decl = line.strip_prefix("field:")?.split(';').next()?;
+        let field_name = decl.split_whitespace().last()?.trim_start_matches('*');
+        if field_name != name {
+            return None;
+        }
+        let off = line.split(';').find_map(|p| p.trim().strip_prefix("offset:"))?;
+        off.trim().parse().ok()
+    })
+}
+
+/// Attaches the module programs (loaded with `layout` already set as a global).
+pub fn attach(ebpf: &mut Ebpf, btf: &aya::Btf) -> anyhow::Result<()> {
+    for (prog, tp) in [("module_load", "module_load"), ("module_free", "module_free")] {
+        let p: &mut BtfTracePoint = ebpf.program_mut(prog).context("module program missing")?.try_into()?;
+        p.load(tp, btf).with_context(|| format!("cannot load the {tp} BTF tracepoint program"))?;
+        p.attach().with_context(|| format!("cannot attach to module:{tp}"))?;
+    }
+    for (prog, tp) in [
+        ("module_delete_enter", "sys_enter_delete_module"),
+        ("module_delete_exit", "sys_exit_delete_module"),
+    ] {
+        let p: &mut TracePoint = ebpf.program_mut(prog).context("module program missing")?.try_into()?;
+        p.load()?;
+        p.attach("syscalls", tp).with_context(|| format!("cannot attach to syscalls:{tp}"))?;
+    }
+    Ok(())
+}
+
+/// Modules around conntrack: the ones whose load or unload changes what conntrack does.
+pub fn is_netfilter_module(name: &str) -> bool {
+    const PREFIXES: &[&str] = &[
+        "nf_", "nft_", "xt_", "ipt_", "ip6t_", "iptable_", "ip6table_", "arptable_", "ebtable", "nfnetlink",
+        "x_tables", "ip_tables", "ip6_tables", "ip_set", "ip_vs", "openvswitch", "act_ct", "nf_tables",
+    ];
+    PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Actor {
+    pub pid: u32,
+    pub uid: u32,
+    pub comm: String,
+    pub ppid: u32,
+    pub parent_comm: String,
+    pub cmdline: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// In memory, init about to run.
+    Load,
+    Unload,
+    UnloadFailed,
+}
+
+impl Action {
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Load => "load",
+            Action::Unload => "unload",
+            Action::UnloadFailed => "unload_failed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModuleChange {
+    pub ts_ns: u64,
+    pub action: Action,
+    pub name: String,
+    /// Positive errno of a failed unload.
+    pub errno: Option<i32>,
+    /// What held the module when an unload failed (lsmod's "Used by").
+    pub holders: Vec<String>,
+    pub actor: Actor,
+}
+
+/// The process's argv as one line: NULs become spaces, unprintable bytes are masked.
+pub fn cmdline_string(raw: &[u8]) -> String {
+    let end = raw.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    let spaced: Vec<u8> = raw[..end].iter().map(|&b| if b == 0 { b' ' } else { b }).collect();
+    kernel_str(&spaced)
+}
+
+fn actor(ev: &ModuleEvent) -> Actor {
+    Actor {
+        pid: ev.pid,
+        uid: ev.uid,
+        comm: kernel_str(&ev.comm),
+        ppid: ev.ppid,
+        parent_comm: kernel_str(&ev.parent_comm),
+        cmdline: cmdline_string(&ev.cmdline),
+    }
+}
+
+pub fn parse_record(bytes: &[u8]) -> Option<ModuleEvent> {
+    if bytes.len() < std::mem::size_of::<ModuleEvent>() {
+        return None;
+    }
+    // SAFETY: ModuleEvent is repr(C) plain data and `bytes` is long enough.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const ModuleEvent) })
+}
+
+/// Turns the raw steps into load / unload / unload_failed, pairing delete_module's entry and exit.
+#[derive(Debug, Default)]
+pub struct Correlator {
+    /// delete_module in progress: pid → (module name, its holders when the request was seen).
+    deleting: HashMap<u32, (String, Vec<String>)>,
+}
+
+impl Correlator {
+    /// `holders_of` lists what holds a module (read from /sys/module/NAME/holders in production).
+    pub fn feed(&mut self, ev: &ModuleEvent, holders_of: impl Fn(&str) -> Vec<String>) -> Option<ModuleChange> {
+        let name = kernel_str(&ev.name);
+        let change = |action, name: String, errno, holders| ModuleChange {
+            ts_ns: ev.ts_ns,
+            action,
+            name,
+            errno,
+            holders,
+            actor: actor(ev),
+        };
+        match ev.kind {
+            module_kind::LOAD => is_netfilter_module(&name).then(|| change(Action::Load, name, None, vec![])),
+            module_kind::DELETE_ENTER => {
+                // Read the holders now too: a script may remove them right after a failed unload.
+                let holders = if is_netfilter_module(&name) { holders_of(&name) } else { vec![] };
+                self.deleting.insert(ev.pid, (name, holders));
+                None
+            }
+            module_kind::DELETE_EXIT => {
+                let (name, early_holders) = self.deleting.remove(&ev.pid)?;
+                if !is_netfilter_module(&name) {
+                    return None;
+                }
+                Some(if ev.ret == 0 {
+                    change(Action::Unload, name, None, vec![])
+                } else {
+                    let mut holders = holders_of(&name);
+                    if holders.is_empty() {
+                        holders = early_holders;
+                    }
+                    change(Action::UnloadFailed, name, Some((-ev.ret) as i32), holders)
+                })
+            }
+            // The delete_module exit reports unloads with their outcome; module_free adds nothing.
+            _ => None,
+        }
+    }
+}
+
+/// Modules that hold `name` now (/sys/module/NAME/holders), sorted.
+pub fn holders(name: &str) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(Path::new("/sys/module").join(name).join("holders"))
+        .map(|d| d.flatten().map(|e| kernel_str(e.file_name().as_encoded_bytes())).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// True once the module's init has finished (its sysctls then hold their new values).
+pub fn is_live(name: &str) -> bool {
+    fs::read_to_string(Path::new("/sys/module").join(name).join("initstate")).is_ok_and(|s| s.trim() == "live")
+}
+
+pub fn errno_name(errno: i32) -> String {
+    match errno {
+        libc::EBUSY => "EBUSY (in use)".into(),
+        // rmmod's O_NONBLOCK turns "in use" into EAGAIN.
+        libc::EAGAIN => "EAGAIN (in use)".into(),
+        libc::ENOENT => "ENOENT (not loaded)".into(),
+        libc::EPERM => "EPERM (not permitted)".into(),
+        n => format!("errno {n}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ctrace_common::{CMDLINE_LEN, MODULE_NAME_LEN, TASK_COMM_LEN};
+
+    fn ev(kind: u32, pid: u32, name: &str, ret: i64) -> ModuleEvent {
+        let mut e = ModuleEvent {
+            ts_ns: 1,
+            ret,
+            kind,
+            pid,
+            ppid: 1,
+            uid: 0,
+            comm: [0; TASK_COMM_LEN],
+            parent_comm: [0; TASK_COMM_LEN],
+            name: [0; MODULE_NAME_LEN],
+            cmdline: [0; CMDLINE_LEN],
+        };
+        e.name[..name.len()].copy_from_slice(name.as_bytes());
+        e.comm[..5].copy_from_slice(b"rmmod");
+        let cmd = b"modprobe\0-r\0nf_conntrack\0";
+        e.cmdline[..cmd.len()].copy_from_slice(cmd);
+        e
+    }
+
+    #[test]
+    fn pairs_delete_module_entry_and_exit() {
+        let mut c = Correlator::default();
+        let none = |_: &str| vec![];
+        assert_eq!(c.feed(&ev(module_kind::DELETE_ENTER, 7, "nf_conntrack", 0), none), None);
+        let ch = c.feed(&ev(module_kind::DELETE_EXIT, 7, "", 0), none).unwrap();
+        assert_eq!(ch.action, Action::Unload);
+        assert_eq!(ch.name, "nf_conntrack");
+        assert_eq!(ch.actor.cmdline, "modprobe -r nf_conntrack");
+        assert_eq!(ch.actor.comm, "rmmod");
+    }
+
+    #[test]
+    fn failed_unload_names_errno_and_holders() {
+        let mut c = Correlator::default();
+        c.feed(&ev(module_kind::DELETE_ENTER, 9, "nf_conntrack", 0), |_| vec![]);
+        let ch = c
+            .feed(&ev(module_kind::DELETE_EXIT, 9, "", -(libc::EBUSY as i64)), |n| {
+                assert_eq!(n, "nf_conntrack");
+                vec!["xt_conntrack".into()]
+            })
+            .unwrap();
+        // The holder was already gone when the exit was handled: the entry's view is used.
+        c.feed(&ev(module_kind::DELETE_ENTER, 10, "nf_conntrack", 0), |_| vec!["xt_state".into()]);
+        let late = c.feed(&ev(module_kind::DELETE_EXIT, 10, "", -(libc::EAGAIN as i64)), |_| vec![]).unwrap();
+        assert_eq!(late.holders, vec!["xt_state".to_string()]);
+        assert_eq!(ch.action, Action::UnloadFailed);
+        assert_eq!(ch.errno, Some(libc::EBUSY));
+        assert_eq!(ch.holders, vec!["xt_conntrack".to_string()]);
+        assert_eq!(errno_name(libc::EBUSY), "EBUSY (in use)");
+    }
+
+    #[test]
+    fn ignores_unrelated_modules_and_stray_exits() {
+        let mut c = Correlator::default();
+        assert_eq!(c.feed(&ev(module_kind::LOAD, 1, "snd_hda_intel", 0), |_| vec![]), None);
+        assert!(c.feed(&ev(module_kind::LOAD, 1, "nf_conntrack", 0), |_| vec![]).is_some());
+        assert_eq!(c.feed(&ev(module_kind::DELETE_EXIT, 5, "", 0), |_| vec![]), None);
+        c.feed(&ev(module_kind::DELETE_ENTER, 5, "btrfs", 0), |_| vec![]);
+        assert_eq!(c.feed(&ev(module_kind::DELETE_EXIT, 5, "", 0), |_| vec![]), None);
+    }
+
+    #[test]
+    fn reads_tracefs_format_offsets() {
+        let fmt = "name: sys_enter_delete_module\nID: 700\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\tfield:int __syscall_nr;\toffset:8;\tsize:4;\tsigned:1;\n\tfield:const char * name_user;\toffset:16;\tsize:8;\tsigned:0;\n\tfield:unsigned int flags;\toffset:24;\tsize:8;\tsigned:0;\n";
+        assert_eq!(format_offset(fmt, "name_user"), Some(16));
+        assert_eq!(format_offset(fmt, "flags"), Some(24));
+        assert_eq!(format_offset(fmt, "nope"), None);
+    }
+
+    #[test]
+    fn cmdline_is_one_sanitised_line() {
+        assert_eq!(cmdline_string(b"modprobe\0-r\0nf_conntrack\0\0\0"), "modprobe -r nf_conntrack");
+        assert_eq!(cmdline_string(b"evil\x1b[2J\0"), "evil?[2J");
+        assert_eq!(cmdline_string(b""), "");
+    }
+}
