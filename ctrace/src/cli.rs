@@ -92,6 +92,9 @@ pub struct CheckArgs {
     /// Audit the system mounted at DIR (a disk image or a fixture tree): /proc, /sys and /etc are read under DIR.
     #[arg(long, value_name = "DIR", default_value = "/")]
     pub root: std::path::PathBuf,
+    /// Print every finding id with its severity and meaning, and exit.
+    #[arg(long)]
+    pub list_ids: bool,
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

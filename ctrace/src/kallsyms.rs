@@ -37,7 +37,10 @@ fn find_range(lines: impl Iterator<Item = String>, name: &str) -> anyhow::Result
 /// over /proc/kallsyms (it is large, and slow to read on small machines).
 pub fn find_functions(names: &[&str]) -> anyhow::Result<Vec<Option<String>>> {
     let f = std::fs::File::open("/proc/kallsyms").context("cannot open /proc/kallsyms")?;
-    Ok(find_functions_in(BufReader::new(f).lines().map_while(Result::ok), names))
+    Ok(find_functions_in(
+        BufReader::new(f).lines().map_while(Result::ok),
+        names,
+    ))
 }
 
 fn find_functions_in(lines: impl Iterator<Item = String>, names: &[&str]) -> Vec<Option<String>> {
@@ -99,7 +102,14 @@ mod tests {
             .into_iter()
         };
         let found = find_functions_in(lines(), &["early_drop", "init_conntrack", "nf_ct_resolve_clash"]);
-        assert_eq!(found, vec![Some("early_drop".to_owned()), Some("init_conntrack.isra.0".to_owned()), None]);
+        assert_eq!(
+            found,
+            vec![
+                Some("early_drop".to_owned()),
+                Some("init_conntrack.isra.0".to_owned()),
+                None
+            ]
+        );
     }
 
     #[test]

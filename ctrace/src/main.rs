@@ -22,6 +22,7 @@ mod probes;
 mod sanitize;
 mod session;
 mod summary;
+mod sysctl_state;
 
 use std::{io::IsTerminal as _, process::ExitCode};
 

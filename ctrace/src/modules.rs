@@ -61,7 +61,8 @@ fn format_offset(format: &str, name: &str) -> Option<u32> {
 pub fn attach(ebpf: &mut Ebpf, btf: &aya::Btf) -> anyhow::Result<()> {
     for (prog, tp) in [("module_load", "module_load"), ("module_free", "module_free")] {
         let p: &mut BtfTracePoint = ebpf.program_mut(prog).context("module program missing")?.try_into()?;
-        p.load(tp, btf).with_context(|| format!("cannot load the {tp} BTF tracepoint program"))?;
+        p.load(tp, btf)
+            .with_context(|| format!("cannot load the {tp} BTF tracepoint program"))?;
         p.attach().with_context(|| format!("cannot attach to module:{tp}"))?;
     }
     for (prog, tp) in [
@@ -70,7 +71,8 @@ pub fn attach(ebpf: &mut Ebpf, btf: &aya::Btf) -> anyhow::Result<()> {
     ] {
         let p: &mut TracePoint = ebpf.program_mut(prog).context("module program missing")?.try_into()?;
         p.load()?;
-        p.attach("syscalls", tp).with_context(|| format!("cannot attach to syscalls:{tp}"))?;
+        p.attach("syscalls", tp)
+            .with_context(|| format!("cannot attach to syscalls:{tp}"))?;
     }
     Ok(())
 }
@@ -78,8 +80,24 @@ pub fn attach(ebpf: &mut Ebpf, btf: &aya::Btf) -> anyhow::Result<()> {
 /// Modules around conntrack: the ones whose load or unload changes what conntrack does.
 pub fn is_netfilter_module(name: &str) -> bool {
     const PREFIXES: &[&str] = &[
-        "nf_", "nft_", "xt_", "ipt_", "ip6t_", "iptable_", "ip6table_", "arptable_", "ebtable", "nfnetlink",
-        "x_tables", "ip_tables", "ip6_tables", "ip_set", "ip_vs", "openvswitch", "act_ct", "nf_tables",
+        "nf_",
+        "nft_",
+        "xt_",
+        "ipt_",
+        "ip6t_",
+        "iptable_",
+        "ip6table_",
+        "arptable_",
+        "ebtable",
+        "nfnetlink",
+        "x_tables",
+        "ip_tables",
+        "ip6_tables",
+        "ip_set",
+        "ip_vs",
+        "openvswitch",
+        "act_ct",
+        "nf_tables",
     ];
     PREFIXES.iter().any(|p| name.starts_with(p))
 }
@@ -173,7 +191,11 @@ impl Correlator {
             module_kind::LOAD => is_netfilter_module(&name).then(|| change(Action::Load, name, None, vec![])),
             module_kind::DELETE_ENTER => {
                 // Read the holders now too: a script may remove them right after a failed unload.
-                let holders = if is_netfilter_module(&name) { holders_of(&name) } else { vec![] };
+                let holders = if is_netfilter_module(&name) {
+                    holders_of(&name)
+                } else {
+                    vec![]
+                };
                 self.deleting.insert(ev.pid, (name, holders));
                 None
             }
@@ -201,7 +223,11 @@ impl Correlator {
 /// Modules that hold `name` now (/sys/module/NAME/holders), sorted.
 pub fn holders(name: &str) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(Path::new("/sys/module").join(name).join("holders"))
-        .map(|d| d.flatten().map(|e| kernel_str(e.file_name().as_encoded_bytes())).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| kernel_str(e.file_name().as_encoded_bytes()))
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -271,8 +297,15 @@ mod tests {
             })
             .unwrap();
         // The holder was already gone when the exit was handled: the entry's view is used.
-        c.feed(&ev(module_kind::DELETE_ENTER, 10, "nf_conntrack", 0), |_| vec!["xt_state".into()]);
-        let late = c.feed(&ev(module_kind::DELETE_EXIT, 10, "", -(libc::EAGAIN as i64)), |_| vec![]).unwrap();
+        c.feed(&ev(module_kind::DELETE_ENTER, 10, "nf_conntrack", 0), |_| {
+            vec!["xt_state".into()]
+        });
+        let late = c
+            .feed(
+                &ev(module_kind::DELETE_EXIT, 10, "", -(libc::EAGAIN as i64)),
+                |_| vec![],
+            )
+            .unwrap();
         assert_eq!(late.holders, vec!["xt_state".to_string()]);
         assert_eq!(ch.action, Action::UnloadFailed);
         assert_eq!(ch.errno, Some(libc::EBUSY));
@@ -284,7 +317,10 @@ mod tests {
     fn ignores_unrelated_modules_and_stray_exits() {
         let mut c = Correlator::default();
         assert_eq!(c.feed(&ev(module_kind::LOAD, 1, "snd_hda_intel", 0), |_| vec![]), None);
-        assert!(c.feed(&ev(module_kind::LOAD, 1, "nf_conntrack", 0), |_| vec![]).is_some());
+        assert!(
+            c.feed(&ev(module_kind::LOAD, 1, "nf_conntrack", 0), |_| vec![])
+                .is_some()
+        );
         assert_eq!(c.feed(&ev(module_kind::DELETE_EXIT, 5, "", 0), |_| vec![]), None);
         c.feed(&ev(module_kind::DELETE_ENTER, 5, "btrfs", 0), |_| vec![]);
         assert_eq!(c.feed(&ev(module_kind::DELETE_EXIT, 5, "", 0), |_| vec![]), None);
@@ -300,7 +336,10 @@ mod tests {
 
     #[test]
     fn cmdline_is_one_sanitised_line() {
-        assert_eq!(cmdline_string(b"modprobe\0-r\0nf_conntrack\0\0\0"), "modprobe -r nf_conntrack");
+        assert_eq!(
+            cmdline_string(b"modprobe\0-r\0nf_conntrack\0\0\0"),
+            "modprobe -r nf_conntrack"
+        );
         assert_eq!(cmdline_string(b"evil\x1b[2J\0"), "evil?[2J");
         assert_eq!(cmdline_string(b""), "");
     }

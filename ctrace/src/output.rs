@@ -9,9 +9,10 @@ use time::{OffsetDateTime, UtcOffset, format_description::well_known::Rfc3339};
 
 use crate::{
     aggregate::{AggKey, AggValue},
-    modules::{Action, ModuleChange, errno_name},
     event::{Drop, Flow, has_ports, is_icmp, proto_name},
+    modules::{Action, ModuleChange, errno_name},
     summary::Summary,
+    sysctl_state::SysctlReset,
 };
 
 /// Context that the kernel event does not carry, added by the session.
@@ -114,13 +115,16 @@ impl Output {
     fn alert(&mut self, ts: OffsetDateTime, text: &str, json: serde_json::Map<String, Value>) {
         match self {
             Output::Text {
-                out,
-                offset,
-                highlight,
-                ..
+                out, offset, highlight, ..
             } => {
                 let t = ts.to_offset(*offset);
-                let stamp = format!("{:02}:{:02}:{:02}.{:03}", t.hour(), t.minute(), t.second(), t.millisecond());
+                let stamp = format!(
+                    "{:02}:{:02}:{:02}.{:03}",
+                    t.hour(),
+                    t.minute(),
+                    t.second(),
+                    t.millisecond()
+                );
                 let _ = if *highlight {
                     writeln!(out, "\x1b[1;33m{stamp}  >>> {text}\x1b[0m")
                 } else {
@@ -144,7 +148,11 @@ impl Output {
                 "MODULE {} unload failed ({}){} - requested by {who}",
                 c.name,
                 c.errno.map(errno_name).unwrap_or_default(),
-                if c.holders.is_empty() { String::new() } else { format!(", held by {}", c.holders.join(", ")) }
+                if c.holders.is_empty() {
+                    String::new()
+                } else {
+                    format!(", held by {}", c.holders.join(", "))
+                }
             ),
         };
         let mut m = serde_json::Map::new();
@@ -162,6 +170,36 @@ impl Output {
         m.insert("ppid".into(), json!(c.actor.ppid));
         m.insert("parent_comm".into(), json!(c.actor.parent_comm));
         m.insert("cmdline".into(), json!(c.actor.cmdline));
+        self.alert(ts, &text, m);
+    }
+
+    pub fn sysctl_reset(&mut self, ts: OffsetDateTime, r: &SysctlReset) {
+        let default = match r.default {
+            Some(true) => ", the kernel's default",
+            Some(false) => "",
+            None => "",
+        };
+        let text = format!(
+            "SYSCTL RESET by the nf_conntrack reload: {} was {}, is now {}{}; {}. Fix: {}",
+            r.change.key,
+            r.change.before,
+            r.change.after,
+            default,
+            match &r.persisted_in {
+                Some(p) => format!("persisted in {p}"),
+                None => "not persisted anywhere".to_owned(),
+            },
+            r.fix
+        );
+        let mut m = serde_json::Map::new();
+        m.insert("event".into(), json!("sysctl_reset"));
+        m.insert("ts".into(), json!(rfc3339(ts)));
+        m.insert("key".into(), json!(r.change.key));
+        m.insert("before".into(), json!(r.change.before));
+        m.insert("after".into(), json!(r.change.after));
+        m.insert("default".into(), json!(r.default));
+        m.insert("persisted_in".into(), json!(r.persisted_in));
+        m.insert("fix".into(), json!(r.fix));
         self.alert(ts, &text, m);
     }
 

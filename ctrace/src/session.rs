@@ -28,6 +28,7 @@ use crate::{
         loader::{KernelFilters, Tracer},
     },
     summary::{NetnsSummary, Summary, Tally},
+    sysctl_state,
 };
 
 /// Converts `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) to wall-clock time.
@@ -116,6 +117,10 @@ struct Session {
     modules: modules::Correlator,
     /// nf_conntrack was loaded and its init may still be running: when it is live, re-attach.
     reload_pending: Option<Instant>,
+    /// The conntrack sysctls while nf_conntrack was last live (kernels with modules only).
+    sysctls: Option<sysctl_state::Snapshot>,
+    /// nf_conntrack is gone: keep `sysctls` as the "before" of the next load.
+    sysctls_frozen: bool,
 }
 
 impl Session {
@@ -165,8 +170,12 @@ impl Session {
     }
 
     fn handle_module_record(&mut self, bytes: &[u8]) {
-        let Some(raw) = modules::parse_record(bytes) else { return };
-        let Some(change) = self.modules.feed(&raw, modules::holders) else { return };
+        let Some(raw) = modules::parse_record(bytes) else {
+            return;
+        };
+        let Some(change) = self.modules.feed(&raw, modules::holders) else {
+            return;
+        };
         log::debug!(
             "module event {:?} {} handled {} ms after it happened",
             change.action,
@@ -179,6 +188,7 @@ impl Session {
                 modules::Action::Load => self.reload_pending = Some(Instant::now()),
                 // The module's counters are gone: what was counted so far is kept (see `carry`).
                 modules::Action::Unload => {
+                    self.sysctls_frozen = true;
                     for w in self.watched.values_mut() {
                         w.carry_over();
                     }
@@ -193,7 +203,8 @@ impl Session {
         let Some(since) = self.reload_pending else { return };
         if !modules::is_live("nf_conntrack") {
             if since.elapsed() > Duration::from_secs(30) {
-                self.out.notice("nf_conntrack was loaded but did not finish initialising within 30 s");
+                self.out
+                    .notice("nf_conntrack was loaded but did not finish initialising within 30 s");
                 self.reload_pending = None;
             }
             return;
@@ -203,9 +214,35 @@ impl Session {
         for w in self.watched.values_mut() {
             w.carry_over();
         }
+        if let Some(before) = self.sysctls.as_mut() {
+            let after = sysctl_state::Snapshot::read();
+            let now = OffsetDateTime::now_utc();
+            if !before.is_empty() {
+                for r in sysctl_state::resets(before, &after) {
+                    self.out.sysctl_reset(now, &r);
+                }
+            }
+            *before = after;
+            self.sysctls_frozen = false;
+        }
         match tracer.reattach_conntrack() {
             Ok(probes) => self.out.reattached(OffsetDateTime::now_utc(), "nf_conntrack", &probes),
-            Err(e) => self.out.notice(&format!("could not re-attach to the reloaded nf_conntrack: {e:#}")),
+            Err(e) => self
+                .out
+                .notice(&format!("could not re-attach to the reloaded nf_conntrack: {e:#}")),
+        }
+    }
+
+    /// Keeps the sysctl snapshot current while nf_conntrack is live and no reload is under way.
+    fn refresh_sysctls(&mut self) {
+        if self.sysctls_frozen || self.reload_pending.is_some() {
+            return;
+        }
+        if let Some(s) = self.sysctls.as_mut() {
+            let now = sysctl_state::Snapshot::read();
+            if !now.is_empty() {
+                *s = now;
+            }
         }
     }
 
@@ -359,6 +396,8 @@ pub async fn run(args: RunArgs, out: Output, hooks: Hooks) -> anyhow::Result<Sum
         eviction_watch: false,
         modules: modules::Correlator::default(),
         reload_pending: None,
+        sysctls: modules::kernel_has_modules().then(sysctl_state::Snapshot::read),
+        sysctls_frozen: false,
     };
 
     // Counters before attaching: they seed the per-CPU baselines and the summary's deltas.
@@ -471,6 +510,7 @@ carry no flow)",
             _ = tick.tick() => {
                 ticks += 1;
                 s.max = netns::conntrack_max();
+                s.refresh_sysctls();
                 s.poll_counters();
                 s.drain(events.get_mut());
                 s.report_counted_evictions(OffsetDateTime::now_utc());
@@ -579,6 +619,8 @@ mod tests {
             eviction_watch: false,
             modules: modules::Correlator::default(),
             reload_pending: None,
+            sysctls: None,
+            sysctls_frozen: false,
         }
     }
 

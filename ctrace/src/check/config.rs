@@ -275,7 +275,9 @@ pub fn boot_loads_conntrack(ctx: &mut Ctx) -> Option<(String, Source)> {
             if l.starts_with('#') || l.starts_with(';') {
                 continue;
             }
-            let Some(word) = l.split_whitespace().next() else { continue };
+            let Some(word) = l.split_whitespace().next() else {
+                continue;
+            };
             let m = module_name(word).to_ascii_lowercase();
             if NEEDS_CONNTRACK.contains(&m.as_str()) {
                 return Some((clean(&m), Source { path, line: i + 1 }));
@@ -336,14 +338,26 @@ mod tests {
 
     #[test]
     fn sysctl_keys_and_precedence() {
-        assert_eq!(normalize_key("net/netfilter/nf_conntrack_max"), "net.netfilter.nf_conntrack_max");
+        assert_eq!(
+            normalize_key("net/netfilter/nf_conntrack_max"),
+            "net.netfilter.nf_conntrack_max"
+        );
         assert_eq!(normalize_key("-net.nf_conntrack_max"), "net.netfilter.nf_conntrack_max");
-        assert_eq!(normalize_key("net.ipv4.conf.eth0/1.rp_filter"), "net.ipv4.conf.eth0/1.rp_filter");
+        assert_eq!(
+            normalize_key("net.ipv4.conf.eth0/1.rp_filter"),
+            "net.ipv4.conf.eth0/1.rp_filter"
+        );
         let t = TempTree::new();
         t.write("/usr/lib/sysctl.d/10-a.conf", "net.netfilter.nf_conntrack_max = 100\n");
-        t.write("/etc/sysctl.d/10-a.conf", "# overrides the /usr/lib file of the same name\n");
+        t.write(
+            "/etc/sysctl.d/10-a.conf",
+            "# overrides the /usr/lib file of the same name\n",
+        );
         t.write("/run/sysctl.d/20-b.conf", "net.netfilter.nf_conntrack_max=200\n");
-        t.write("/usr/lib/sysctl.d/30-c.conf", "; comment\nnet/netfilter/nf_conntrack_buckets = 4096\n");
+        t.write(
+            "/usr/lib/sysctl.d/30-c.conf",
+            "; comment\nnet/netfilter/nf_conntrack_buckets = 4096\n",
+        );
         t.write("/etc/sysctl.conf", "net.nf_conntrack_max = 300\n");
         let fs = FsRoot::new(t.path()).unwrap();
         let mut ctx = Ctx::new(&fs);
@@ -358,7 +372,10 @@ mod tests {
             ]
         );
         let max = &conf.effective["net.netfilter.nf_conntrack_max"];
-        assert_eq!((max.value.as_str(), max.source.to_string()), ("300", "/etc/sysctl.conf:1".into()));
+        assert_eq!(
+            (max.value.as_str(), max.source.to_string()),
+            ("300", "/etc/sysctl.conf:1".into())
+        );
         assert_eq!(conf.effective["net.netfilter.nf_conntrack_buckets"].source.line, 2);
     }
 

@@ -55,9 +55,16 @@ pub fn check(ctx: &mut Ctx, facts: &Facts) {
             continue;
         }
         let total: u64 = hits.iter().map(|h| h.1).sum();
-        let mut f = Finding::new(c.id, Severity::Warning, format!("{} ({} = {total} {since})", c.title, c.name));
+        let mut f = Finding::new(
+            c.id,
+            Severity::Warning,
+            format!("{} ({} = {total} {since})", c.title, c.name),
+        );
         for (label, n) in &hits {
-            f = f.evidence(Evidence::at(format!("{label}: {} = {n}", c.name), "/proc/net/stat/nf_conntrack"));
+            f = f.evidence(Evidence::at(
+                format!("{label}: {} = {n}", c.name),
+                "/proc/net/stat/nf_conntrack",
+            ));
         }
         if c.name == "insert_failed" {
             let chain: u64 = facts.stats.iter().map(|s| s.stats.total("chaintoolong")).sum();
@@ -70,7 +77,10 @@ pub fn check(ctx: &mut Ctx, facts: &Facts) {
         }
         f = match c.name {
             "drop" | "early_drop" => f
-                .fix(format!("ctrace run --reason {}   # see which flows, live", if c.name == "drop" { "table_full" } else { "early_drop" }))
+                .fix(format!(
+                    "ctrace run --reason {}   # see which flows, live",
+                    if c.name == "drop" { "table_full" } else { "early_drop" }
+                ))
                 .fix(format!(
                     "sysctl -w net.netfilter.nf_conntrack_max={}   # if the table is too small for the load",
                     max.saturating_mul(2).max(65536)

@@ -74,6 +74,16 @@ impl ModuleState {
         }
     }
 
+    /// Stable word for JSON.
+    pub fn key(&self) -> &'static str {
+        match self {
+            ModuleState::Module(_) => "module",
+            ModuleState::Builtin(_) => "builtin",
+            ModuleState::NotLoaded(_) => "not_loaded",
+            ModuleState::Unknown(_) => "unknown",
+        }
+    }
+
     /// Can be unloaded and loaded again (so its settings can reset without a reboot).
     pub fn reloadable(&self) -> bool {
         matches!(self, ModuleState::Module(_) | ModuleState::NotLoaded(_))
@@ -82,8 +92,9 @@ impl ModuleState {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EntrySize {
-    /// sizeof(struct nf_conn) from BTF (which files).
-    Btf(u32, String),
+    /// sizeof(struct nf_conn) from BTF (which files), and the slab's object size when /proc/slabinfo is readable
+    /// (the slab rounds entries up to cache lines).
+    Btf(u32, String, Option<u32>),
     /// The `nf_conntrack` slab's object size from /proc/slabinfo.
     Slab(u32),
     Unknown,
@@ -92,14 +103,19 @@ pub enum EntrySize {
 impl EntrySize {
     pub fn bytes(&self) -> Option<u64> {
         match self {
-            EntrySize::Btf(n, _) | EntrySize::Slab(n) => Some(u64::from(*n)),
+            EntrySize::Btf(n, _, slab) => Some(u64::from((*n).max(slab.unwrap_or(0)))),
+            EntrySize::Slab(n) => Some(u64::from(*n)),
             EntrySize::Unknown => None,
         }
     }
 
     pub fn describe(&self) -> String {
         match self {
-            EntrySize::Btf(n, from) => format!("{n} bytes per entry (sizeof(struct nf_conn) from {from})"),
+            EntrySize::Btf(n, from, None) => format!("{n} bytes per entry (sizeof(struct nf_conn) from {from})"),
+            EntrySize::Btf(n, from, Some(slab)) => format!(
+                "{} bytes per entry (sizeof(struct nf_conn) = {n} from {from}; the nf_conntrack slab allocates {slab}-byte objects, /proc/slabinfo)",
+                (*n).max(*slab)
+            ),
             EntrySize::Slab(n) => format!("{n} bytes per entry (nf_conntrack slab object size, /proc/slabinfo)"),
             EntrySize::Unknown => "entry size unknown (no readable BTF or /proc/slabinfo)".to_owned(),
         }
@@ -114,6 +130,9 @@ pub struct Defaults {
     pub expect_max: u64,
     /// The rule that produced them, as evidence.
     pub rule: String,
+    /// Computed from RAM by the formula (not a fixed size): the kernel used its page count at load time, which
+    /// can differ from MemTotal now by a few percent, so compare with a tolerance.
+    pub approximate: bool,
 }
 
 /// `hashsize` given as a module option or on the kernel command line makes `max = 8 × hashsize` (all versions);
@@ -125,6 +144,7 @@ pub fn kernel_defaults(kernel: &KernelVersion, mem_total_kb: u64, page_size: u64
     let nr_pages = mem_total_kb.saturating_mul(1024) / page_size;
     let gib_pages = (1u64 << 30) / page_size;
     let new = kernel.at_least(5, 15);
+    let mut approximate = false;
     let (buckets, factor, rule) = match hashsize.filter(|&h| h > 0) {
         Some(h) => (h, 8, format!("hashsize={h} given: max = 8 × hashsize")),
         None => {
@@ -134,7 +154,11 @@ pub fn kernel_defaults(kernel: &KernelVersion, mem_total_kb: u64, page_size: u64
             } else if nr_pages > gib_pages {
                 (if new { 65536 } else { 16384 }, "RAM > 1 GiB")
             } else {
-                (base, "RAM / 16384 / 8")
+                approximate = base > if new { 1024 } else { 32 };
+                (
+                    base,
+                    "RAM / 16384 / 8, ± the memory the kernel had when it loaded nf_conntrack",
+                )
             };
             let min = if new { 1024 } else { 32 };
             let b = b.max(min);
@@ -160,6 +184,23 @@ pub fn kernel_defaults(kernel: &KernelVersion, mem_total_kb: u64, page_size: u64
         max,
         expect_max,
         rule,
+        approximate,
+    }
+}
+
+impl Defaults {
+    /// Whether `value` is the kernel's default for `key` (None: no known default).
+    pub fn is_default(d: Option<&Defaults>, key: &str, value: &str) -> Option<bool> {
+        let (def, approx) = match key {
+            KEY_MAX => d.map(|d| (d.max, d.approximate))?,
+            KEY_BUCKETS => d.map(|d| (d.buckets, d.approximate))?,
+            KEY_EXPECT_MAX => d.map(|d| (d.expect_max, d.approximate))?,
+            _ => (static_default(key)?, false),
+        };
+        let Ok(v) = value.trim().parse::<u64>() else {
+            return Some(false);
+        };
+        Some(v == def || (approx && v.abs_diff(def).saturating_mul(100) <= def.saturating_mul(15)))
     }
 }
 
@@ -304,12 +345,26 @@ fn module_state(ctx: &mut Ctx) -> ModuleState {
         return ModuleState::Unknown(format!("{SYS_MODULE} is not readable"));
     }
     if proc_present {
-        return ModuleState::NotLoaded(format!(
-            "{} and {SYS_MODULE} do not exist",
-            proc_path(KEY_MAX)
-        ));
+        return ModuleState::NotLoaded(format!("{} and {SYS_MODULE} do not exist", proc_path(KEY_MAX)));
     }
     ModuleState::Unknown("this tree has no /proc/meminfo: not a live system".to_owned())
+}
+
+/// The `nf_conntrack` slab's object size (older kernels name the cache `nf_conntrack_<hex>` per netns).
+fn slab_objsize(slabinfo: &str) -> Option<u32> {
+    for line in slabinfo.lines() {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let Some(name) = cols.first() else { continue };
+        let per_netns = name
+            .strip_prefix("nf_conntrack_")
+            .is_some_and(|rest| !rest.is_empty() && rest.chars().all(|c| c.is_ascii_hexdigit()));
+        if (*name == "nf_conntrack" || per_netns)
+            && let Some(n) = cols.get(3).and_then(|s| s.parse().ok())
+        {
+            return Some(n);
+        }
+    }
+    None
 }
 
 fn entry_size(ctx: &mut Ctx) -> EntrySize {
@@ -318,30 +373,24 @@ fn entry_size(ctx: &mut Ctx) -> EntrySize {
         let split = "/sys/kernel/btf/nf_conntrack";
         let btf = Btf::from_file(ctx.fs.map(vmlinux)).and_then(|b| {
             if ctx.fs.exists(split) {
-                b.with_split_file(ctx.fs.map(split)).map(|s| (s, format!("{vmlinux} + {split}")))
+                b.with_split_file(ctx.fs.map(split))
+                    .map(|s| (s, format!("{vmlinux} + {split}")))
             } else {
                 Ok((b, vmlinux.to_owned()))
             }
         });
         match btf.and_then(|(b, from)| b.struct_size("nf_conn").map(|n| (n, from))) {
-            Ok((n, from)) if n > 0 => return EntrySize::Btf(n, from),
+            Ok((n, from)) if n > 0 => {
+                // Read quietly: without root /proc/slabinfo is not readable, and BTF already answered.
+                let slab = ctx.fs.read("/proc/slabinfo").ok().as_deref().and_then(slab_objsize);
+                return EntrySize::Btf(n, from, slab);
+            }
             Ok(_) => {}
             Err(e) => ctx.unreadable(vmlinux, clean(&e.to_string())),
         }
     }
-    if let Some(slab) = ctx.read("/proc/slabinfo") {
-        for line in slab.lines() {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            let Some(name) = cols.first() else { continue };
-            let per_netns = name
-                .strip_prefix("nf_conntrack_")
-                .is_some_and(|rest| !rest.is_empty() && rest.chars().all(|c| c.is_ascii_hexdigit()));
-            if (*name == "nf_conntrack" || per_netns)
-                && let Some(n) = cols.get(3).and_then(|s| s.parse().ok())
-            {
-                return EntrySize::Slab(n);
-            }
-        }
+    if let Some(n) = ctx.read("/proc/slabinfo").as_deref().and_then(slab_objsize) {
+        return EntrySize::Slab(n);
     }
     EntrySize::Unknown
 }
@@ -359,10 +408,7 @@ fn netns_stats(ctx: &mut Ctx) -> Vec<NetnsStats> {
             let label = format!("netns {ino}{name}{this}");
             match reg.read_stats(ino) {
                 Ok(s) => out.push(NetnsStats { label, stats: s }),
-                Err(e) => ctx.unreadable(
-                    format!("counters of {label}"),
-                    clean(&format!("{e:#}")),
-                ),
+                Err(e) => ctx.unreadable(format!("counters of {label}"), clean(&format!("{e:#}"))),
             }
         }
         if !nix::unistd::geteuid().is_root() {
@@ -456,12 +502,12 @@ pub fn gather(ctx: &mut Ctx) -> Facts {
         (Some(t), Some(i), Some(p)) => Some((t.saturating_add(i.saturating_mul(p)), t)),
         _ => None,
     };
-    let systemd_sysctl = if !ctx.fs.exists("/usr/lib/systemd/systemd-sysctl") && ctx.fs.exists("/lib/systemd/systemd-sysctl")
-    {
-        "/lib/systemd/systemd-sysctl"
-    } else {
-        "/usr/lib/systemd/systemd-sysctl"
-    };
+    let systemd_sysctl =
+        if !ctx.fs.exists("/usr/lib/systemd/systemd-sysctl") && ctx.fs.exists("/lib/systemd/systemd-sysctl") {
+            "/lib/systemd/systemd-sysctl"
+        } else {
+            "/usr/lib/systemd/systemd-sysctl"
+        };
     Facts {
         kernel,
         mem_total_kb,

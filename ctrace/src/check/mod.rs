@@ -6,7 +6,7 @@
 //! through [`fsroot::FsRoot`]; sources that only exist on a live host (other network namespaces, the `conntrack`
 //! command) are used only when the root is `/`.
 
-mod config;
+pub(crate) mod config;
 mod counters;
 mod facts;
 pub mod fsroot;
@@ -337,6 +337,12 @@ pub fn audit(fs: &FsRoot, ignore: &[String]) -> Report {
 
 /// `ctrace check`: prints the report and returns 0 (clean or info only), 1 (a warning or worse), 2 (usage).
 pub fn main(args: CheckArgs) -> ExitCode {
+    if args.list_ids {
+        for i in IDS {
+            println!("{:<30} {:<45} {}", i.id, i.severity, i.meaning);
+        }
+        return ExitCode::SUCCESS;
+    }
     let fs = match FsRoot::new(&args.root) {
         Ok(fs) => fs,
         Err(e) => {
@@ -345,11 +351,7 @@ pub fn main(args: CheckArgs) -> ExitCode {
         }
     };
     let report = audit(&fs, &args.ignore);
-    let text = if args.json {
-        report.to_json()
-    } else {
-        report.to_text()
-    };
+    let text = if args.json { report.to_json() } else { report.to_text() };
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
     if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush())

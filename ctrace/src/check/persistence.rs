@@ -6,7 +6,10 @@ use std::collections::BTreeSet;
 use super::{
     Ctx, Evidence, Finding, Severity,
     config::{self, Assignment},
-    facts::{Defaults, Facts, HASHSIZE_PARAM, KEY_BUCKETS, KEY_COUNT, KEY_EXPECT_MAX, KEY_MAX, ModuleState, proc_path, same_value, static_default},
+    facts::{
+        Defaults, Facts, HASHSIZE_PARAM, KEY_BUCKETS, KEY_COUNT, KEY_EXPECT_MAX, KEY_MAX, ModuleState, proc_path,
+        same_value, static_default,
+    },
     sizing::persist_hashsize,
 };
 
@@ -52,7 +55,10 @@ fn boot_load_evidence(facts: &Facts) -> Evidence {
 /// Something that re-applies sysctl files after a module load: a udev rule or an `install` line running sysctl.
 fn reapply(facts: &Facts) -> Option<Evidence> {
     if let Some(src) = &facts.udev_reapply {
-        return Some(Evidence::at("a udev rule re-applies sysctl when nf_conntrack loads", src.to_string()));
+        return Some(Evidence::at(
+            "a udev rule re-applies sysctl when nf_conntrack loads",
+            src.to_string(),
+        ));
     }
     facts
         .modprobe
@@ -145,7 +151,8 @@ pub fn check(ctx: &mut Ctx, facts: &Facts) {
         not_in_effect.fix = apply_now;
         match facts.module {
             ModuleState::Builtin(_) => {
-                not_in_effect = not_in_effect.fix("sysctl --system   # re-apply; then find what changed the value at runtime");
+                not_in_effect =
+                    not_in_effect.fix("sysctl --system   # re-apply; then find what changed the value at runtime");
             }
             _ => {
                 not_in_effect = not_in_effect.evidence(boot_load_evidence(facts));
@@ -180,12 +187,18 @@ pub fn check(ctx: &mut Ctx, facts: &Facts) {
                 continue;
             }
             not_persisted = not_persisted
-                .evidence(Evidence::at(format!("{key} = {live} (default {def}), set by no module option"), proc_path(key)))
+                .evidence(Evidence::at(
+                    format!("{key} = {live} (default {def}), set by no module option"),
+                    proc_path(key),
+                ))
                 .fix(persist_hashsize(facts, live.parse().unwrap_or(def)));
             continue;
         }
         not_persisted = not_persisted
-            .evidence(Evidence::at(format!("{key} = {live} (default {def}), set by no sysctl file"), proc_path(key)))
+            .evidence(Evidence::at(
+                format!("{key} = {live} (default {def}), set by no sysctl file"),
+                proc_path(key),
+            ))
             .fix(format!("echo '{key} = {live}' >> /etc/sysctl.d/90-nf-conntrack.conf"));
     }
     if !not_persisted.evidence.is_empty() {
@@ -213,7 +226,9 @@ pub fn check(ctx: &mut Ctx, facts: &Facts) {
         for (key, a) in facts.sysctl.effective.iter().filter(|(k, _)| is_ct_key(k)) {
             let def = default_of(key, d);
             let Some(l) = facts.live.get(key) else { continue };
-            if key == KEY_BUCKETS || !same_value(l, &a.value) || def.is_some_and(|x| same_value(&a.value, &x.to_string()))
+            if key == KEY_BUCKETS
+                || !same_value(l, &a.value)
+                || def.is_some_and(|x| same_value(&a.value, &x.to_string()))
             {
                 continue;
             }
@@ -272,11 +287,14 @@ pub fn check(ctx: &mut Ctx, facts: &Facts) {
                 "every load of the module uses hashsize from modprobe.d (or the RAM-based default), never this line",
             ));
         }
-        f = f.evidence(Evidence::new("changing buckets does not change nf_conntrack_max: set both"));
+        f = f.evidence(Evidence::new(
+            "changing buckets does not change nf_conntrack_max: set both",
+        ));
         let n = a.value.trim().parse::<u64>().unwrap_or(0);
-        f = f
-            .fix(persist_hashsize(facts, n))
-            .fix(format!("sed -i '{}s/^/# /' {}   # comment the sysctl line out", a.source.line, a.source.path));
+        f = f.fix(persist_hashsize(facts, n)).fix(format!(
+            "sed -i '{}s/^/# /' {}   # comment the sysctl line out",
+            a.source.line, a.source.path
+        ));
         if !applied {
             f = f.fix(format!("echo {n} > {HASHSIZE_PARAM}   # apply now"));
         }
@@ -298,7 +316,9 @@ pub fn check(ctx: &mut Ctx, facts: &Facts) {
         }
         let n = facts.modprobe.hashsize.as_ref().map(|h| h.0);
         if let Some(n) = n {
-            f = f.fix(persist_hashsize(facts, n)).fix(format!("echo {n} > {HASHSIZE_PARAM}   # apply now"));
+            f = f
+                .fix(persist_hashsize(facts, n))
+                .fix(format!("echo {n} > {HASHSIZE_PARAM}   # apply now"));
         } else {
             f = f.fix("put each option on the kernel command line as nf_conntrack.NAME=VALUE (GRUB_CMDLINE_LINUX in /etc/default/grub, then update-grub)");
         }

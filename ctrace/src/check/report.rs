@@ -38,7 +38,10 @@ pub struct Counts {
 pub struct Report {
     pub root: String,
     pub kernel: Option<String>,
+    /// `module`, `builtin`, `not_loaded` or `unknown`.
     pub nf_conntrack: &'static str,
+    #[serde(skip)]
+    pub nf_conntrack_text: &'static str,
     pub table: TableFacts,
     pub findings: Vec<Finding>,
     pub unreadable: Vec<Unreadable>,
@@ -81,7 +84,8 @@ impl Report {
         Report {
             root: clean(&fs.root().to_string_lossy()),
             kernel: facts.kernel.as_ref().map(|k| k.release.clone()),
-            nf_conntrack: facts.module.describe(),
+            nf_conntrack: facts.module.key(),
+            nf_conntrack_text: facts.module.describe(),
             table: TableFacts {
                 count: facts.live_u64(KEY_COUNT),
                 max: facts.live_u64(KEY_MAX),
@@ -107,14 +111,14 @@ impl Report {
         self.exit_code
     }
 
+    #[cfg(test)]
     pub fn ids(&self) -> Vec<&'static str> {
         self.findings.iter().map(|f| f.id).collect()
     }
 
     pub fn to_json(&self) -> String {
-        let mut s = serde_json::to_string_pretty(self).unwrap_or_else(|e| {
-            serde_json::json!({"error": format!("cannot serialise the report: {e}")}).to_string()
-        });
+        let mut s = serde_json::to_string_pretty(self)
+            .unwrap_or_else(|e| serde_json::json!({"error": format!("cannot serialise the report: {e}")}).to_string());
         s.push('\n');
         s
     }
@@ -126,7 +130,7 @@ impl Report {
             "ctrace check: root {}, kernel {}, nf_conntrack {}",
             self.root,
             self.kernel.as_deref().unwrap_or("unknown"),
-            self.nf_conntrack
+            self.nf_conntrack_text
         );
         for sev in [Severity::Critical, Severity::Warning, Severity::Info] {
             let group: Vec<&Finding> = self.findings.iter().filter(|f| f.severity == sev).collect();

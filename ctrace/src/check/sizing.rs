@@ -43,7 +43,10 @@ pub fn check(ctx: &mut Ctx, facts: &Facts) {
     }
     let (Some(max), Some(buckets)) = (facts.live_u64(KEY_MAX), facts.live_u64(KEY_BUCKETS)) else {
         if matches!(facts.module, ModuleState::Module(_) | ModuleState::Builtin(_)) {
-            ctx.unreadable(proc_path(KEY_MAX), "nf_conntrack is present but its sysctls could not be read");
+            ctx.unreadable(
+                proc_path(KEY_MAX),
+                "nf_conntrack is present but its sysctls could not be read",
+            );
         }
         return;
     };
@@ -77,7 +80,7 @@ pub fn check(ctx: &mut Ctx, facts: &Facts) {
         .iter()
         .map(|s| (s.stats.entries(), s.label.as_str()))
         .collect();
-    by_netns.sort_by(|a, b| b.0.cmp(&a.0));
+    by_netns.sort_by_key(|e| std::cmp::Reverse(e.0));
     for (entries, label) in by_netns.iter().take(5) {
         summary = summary.evidence(Evidence::new(format!(
             "{label}: {entries} entries ({:.1} % of max)",
@@ -126,9 +129,13 @@ pub fn check(ctx: &mut Ctx, facts: &Facts) {
                 Finding::new(
                     "CT-SIZE-FILL",
                     severity,
-                    format!("the conntrack table is {fill:.1} % full in {label}: new flows are dropped when it is full"),
+                    format!(
+                        "the conntrack table is {fill:.1} % full in {label}: new flows are dropped when it is full"
+                    ),
                 )
-                .evidence(Evidence::new(format!("{worst} entries of nf_conntrack_max = {max} in {label}")))
+                .evidence(Evidence::new(format!(
+                    "{worst} entries of nf_conntrack_max = {max} in {label}"
+                )))
                 .fix(format!("sysctl -w net.netfilter.nf_conntrack_max={new_max}"))
                 .fix(format!(
                     "echo 'net.netfilter.nf_conntrack_max = {new_max}' > /etc/sysctl.d/90-nf-conntrack.conf"

@@ -199,7 +199,9 @@ pub fn local_addresses(ctx: &mut Ctx) -> Option<HashSet<IpAddr>> {
     let v6 = ctx.read("/proc/net/if_inet6");
     if let Some(v6) = &v6 {
         for line in v6.lines() {
-            let Some(hex) = line.split_whitespace().next() else { continue };
+            let Some(hex) = line.split_whitespace().next() else {
+                continue;
+            };
             if let Ok(n) = u128::from_str_radix(hex, 16)
                 && hex.len() == 32
             {
@@ -258,7 +260,10 @@ pub fn read(ctx: &mut Ctx, est_timeout: Option<u64>) -> Option<Table> {
                 return None;
             }
             Err(e) => {
-                ctx.unreadable("conntrack -L", format!("cannot run conntrack: {}", clean(&e.to_string())));
+                ctx.unreadable(
+                    "conntrack -L",
+                    format!("cannot run conntrack: {}", clean(&e.to_string())),
+                );
                 return None;
             }
         };

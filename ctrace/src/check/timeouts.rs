@@ -85,11 +85,7 @@ pub fn check(ctx: &mut Ctx, facts: &Facts) {
 
     let unreplied: u64 = t.unreplied_by_proto.values().sum();
     if pct(unreplied, t.total) >= 50.0 {
-        let per: Vec<String> = t
-            .unreplied_by_proto
-            .iter()
-            .map(|(p, n)| format!("{p} {n}"))
-            .collect();
+        let per: Vec<String> = t.unreplied_by_proto.iter().map(|(p, n)| format!("{p} {n}")).collect();
         let mut f = Finding::new(
             "CT-TIMEOUT-UNREPLIED",
             Severity::Warning,

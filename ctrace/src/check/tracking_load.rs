@@ -121,9 +121,7 @@ pub fn check(ctx: &mut Ctx, facts: &Facts) {
         .into_iter()
         .filter(|((proto, _), p)| {
             let free = p.entries.saturating_sub(p.blocked);
-            (proto == "udp" || proto == "tcp")
-                && free >= CANDIDATE_MIN
-                && pct(free, t.total) >= CANDIDATE_SHARE
+            (proto == "udp" || proto == "tcp") && free >= CANDIDATE_MIN && pct(free, t.total) >= CANDIDATE_SHARE
         })
         .take(MAX_CANDIDATES)
         .collect();

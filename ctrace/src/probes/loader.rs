@@ -80,9 +80,11 @@ impl Tracer {
             crate::modules::layout(&btf, std::path::Path::new(crate::modules::TRACEFS))
                 .map_err(|e| format!("module events are not watched: {e:#}"))
         } else {
-            Err("this kernel has no loadable modules (CONFIG_MODULES is off): nf_conntrack is built in, so no \
+            Err(
+                "this kernel has no loadable modules (CONFIG_MODULES is off): nf_conntrack is built in, so no \
 reload can reset its sysctls"
-                .to_owned())
+                    .to_owned(),
+            )
         };
         let module_globals = module_layout.clone().unwrap_or_default();
         let mut ebpf = EbpfLoader::new()
@@ -120,7 +122,9 @@ reload can reset its sysctls"
             }
         }
         let modules_unwatched = match &module_layout {
-            Ok(_) => crate::modules::attach(&mut ebpf, &aya_btf).err().map(|e| format!("{e:#}")),
+            Ok(_) => crate::modules::attach(&mut ebpf, &aya_btf)
+                .err()
+                .map(|e| format!("{e:#}")),
             Err(why) => Some(why.clone()),
         };
         Ok(Tracer {
@@ -177,8 +181,8 @@ reload can reset its sysctls"
         }
         let old = std::mem::take(&mut self.kprobe_links);
         super::kprobe::detach_all(&mut self.ebpf, old);
-        let symbols = super::kprobe::Symbols::find()?
-            .context("nf_conntrack is back but early_drop is not in /proc/kallsyms")?;
+        let symbols =
+            super::kprobe::Symbols::find()?.context("nf_conntrack is back but early_drop is not in /proc/kallsyms")?;
         self.kprobe_links = super::kprobe::attach_all(&mut self.ebpf, &symbols)?;
         if self.eviction_target.is_some() {
             self.eviction_target = symbols.ct_delete.clone();
@@ -190,7 +194,10 @@ reload can reset its sysctls"
         if self.modules_unwatched.is_some() {
             return Ok(None);
         }
-        let map = self.ebpf.take_map("MODULE_EVENTS").context("MODULE_EVENTS map missing")?;
+        let map = self
+            .ebpf
+            .take_map("MODULE_EVENTS")
+            .context("MODULE_EVENTS map missing")?;
         Ok(Some(RingBuf::try_from(map)?))
     }
 

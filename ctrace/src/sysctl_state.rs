@@ -1,0 +1,353 @@
+//! The conntrack sysctls as they are now, and what a module reload changed.
+//!
+//! nf_conntrack registers every `net.netfilter.nf_conntrack_*` sysctl; a reload recomputes them
+//! in its init (hashsize only comes from the module option). ctrace keeps the values seen while
+//! the module was live, and when the new module is live reports each key that changed.
+
+use std::{collections::BTreeMap, fs, path::Path};
+
+const SYSCTL_DIR: &str = "/proc/sys/net/netfilter";
+const HASHSIZE: &str = "/sys/module/nf_conntrack/parameters/hashsize";
+/// How `hashsize` is named in reports: it is a module option, not a sysctl.
+pub const HASHSIZE_KEY: &str = "nf_conntrack.hashsize";
+
+/// Key (sysctl dotted name, or `nf_conntrack.hashsize`) → value as the kernel prints it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub values: BTreeMap<String, String>,
+}
+
+impl Snapshot {
+    /// Reads the current values (in the calling thread's netns). Empty when nf_conntrack is not loaded.
+    pub fn read() -> Snapshot {
+        Snapshot::read_from(Path::new(SYSCTL_DIR), Path::new(HASHSIZE))
+    }
+
+    fn read_from(dir: &Path, hashsize: &Path) -> Snapshot {
+        let mut values = BTreeMap::new();
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !name.starts_with("nf_conntrack_") || !e.path().is_file() {
+                    continue;
+                }
+                // Write-only or unreadable entries are skipped, not fatal.
+                if let Ok(v) = fs::read_to_string(e.path()) {
+                    values.insert(format!("net.netfilter.{name}"), normalize(&v));
+                }
+            }
+        }
+        if let Ok(v) = fs::read_to_string(hashsize) {
+            values.insert(HASHSIZE_KEY.to_owned(), normalize(&v));
+        }
+        Snapshot { values }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+}
+
+/// Multi-value sysctls print tab-separated; compare and report them with single spaces.
+fn normalize(v: &str) -> String {
+    v.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// A key whose value differs after a reload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub key: String,
+    pub before: String,
+    pub after: String,
+}
+
+/// What ctrace reports for a key a reload changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SysctlReset {
+    pub change: Change,
+    /// Whether `after` is the kernel's own default on this machine (None: cannot tell).
+    pub default: Option<bool>,
+    pub persisted_in: Option<String>,
+    pub fix: String,
+}
+
+/// Builds the reports for a reload: `before` was seen while the old module was live.
+pub fn resets(before: &Snapshot, after: &Snapshot) -> Vec<SysctlReset> {
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let kernel = kernel_version(&release);
+    let mem = mem_total().unwrap_or(0);
+    diff(before, after)
+        .into_iter()
+        .map(|change| {
+            let persisted_in = persisted_in(&change.key);
+            SysctlReset {
+                default: is_default(&change.key, after, kernel, mem),
+                fix: fix(&change, persisted_in.as_deref()),
+                persisted_in,
+                change,
+            }
+        })
+        .collect()
+}
+
+/// Keys that changed; counters such as `nf_conntrack_count` are not settings and are skipped.
+pub fn diff(before: &Snapshot, after: &Snapshot) -> Vec<Change> {
+    const NOT_SETTINGS: &[&str] = &["net.netfilter.nf_conntrack_count"];
+    before
+        .values
+        .iter()
+        .filter(|(k, _)| !NOT_SETTINGS.contains(&k.as_str()))
+        .filter_map(|(k, b)| {
+            let a = after.values.get(k)?;
+            (a != b).then(|| Change {
+                key: k.clone(),
+                before: b.clone(),
+                after: a.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Compiled-in defaults that do not depend on the machine (the same from 4.18 to 6.18 unless noted).
+fn fixed_default(key: &str, kernel: (u32, u32)) -> Option<&'static str> {
+    let name = key.strip_prefix("net.netfilter.")?;
+    Some(match name {
+        "nf_conntrack_tcp_timeout_established" => "432000",
+        "nf_conntrack_tcp_timeout_syn_sent" => "120",
+        "nf_conntrack_tcp_timeout_syn_recv" => "60",
+        "nf_conntrack_tcp_timeout_fin_wait" => "120",
+        "nf_conntrack_tcp_timeout_close_wait" => "60",
+        "nf_conntrack_tcp_timeout_last_ack" => "30",
+        "nf_conntrack_tcp_timeout_time_wait" => "120",
+        "nf_conntrack_tcp_timeout_close" => "10",
+        "nf_conntrack_tcp_timeout_max_retrans" => "300",
+        "nf_conntrack_tcp_timeout_unacknowledged" => "300",
+        "nf_conntrack_udp_timeout" => "30",
+        // 6.1 lowered the stream timeout from 180 to 120 s.
+        "nf_conntrack_udp_timeout_stream" if kernel >= (6, 1) => "120",
+        "nf_conntrack_udp_timeout_stream" => "180",
+        "nf_conntrack_icmp_timeout" => "30",
+        "nf_conntrack_icmpv6_timeout" => "30",
+        "nf_conntrack_generic_timeout" => "600",
+        "nf_conntrack_tcp_loose" => "1",
+        "nf_conntrack_tcp_be_liberal" => "0",
+        "nf_conntrack_tcp_max_retrans" => "3",
+        "nf_conntrack_checksum" => "1",
+        "nf_conntrack_log_invalid" => "0",
+        "nf_conntrack_acct" => "0",
+        "nf_conntrack_timestamp" => "0",
+        "nf_conntrack_helper" => "0",
+        _ => return None,
+    })
+}
+
+/// Whether `after` is what the kernel sets by itself on this machine; None when ctrace cannot tell.
+/// `buckets` is the reloaded table size, `kernel` the running kernel's (major, minor).
+pub fn is_default(key: &str, after: &Snapshot, kernel: (u32, u32), mem_bytes: u64) -> Option<bool> {
+    let value = after.get(key)?;
+    if let Some(d) = fixed_default(key, kernel) {
+        return Some(value == d);
+    }
+    let buckets_default = default_buckets(kernel, mem_bytes);
+    match key {
+        "net.netfilter.nf_conntrack_buckets" | HASHSIZE_KEY => Some(value.parse::<u64>().ok()? == buckets_default),
+        "net.netfilter.nf_conntrack_max" => {
+            let buckets: u64 = after.get("net.netfilter.nf_conntrack_buckets")?.parse().ok()?;
+            Some(value.parse::<u64>().ok()? == max_factor(kernel) * buckets)
+        }
+        _ => None,
+    }
+}
+
+/// nf_conntrack_max = factor × buckets when no hashsize option is given: 4 before 5.15, 1 since.
+fn max_factor(kernel: (u32, u32)) -> u64 {
+    if kernel >= (5, 15) { 1 } else { 4 }
+}
+
+/// The kernel's default number of buckets for `mem_bytes` of RAM (nf_conntrack_init_start),
+/// rounded up as nf_ct_alloc_hashtable does (to a page of bucket heads).
+pub fn default_buckets(kernel: (u32, u32), mem_bytes: u64) -> u64 {
+    const GIB: u64 = 1 << 30;
+    let mut size = mem_bytes / 16384 / 8;
+    if kernel >= (5, 15) {
+        if mem_bytes > 4 * GIB {
+            size = 262_144;
+        } else if mem_bytes > GIB {
+            size = 65_536;
+        }
+        size = size.max(1024);
+    } else {
+        if mem_bytes > 4 * GIB {
+            size = 65_536;
+        } else if mem_bytes > GIB {
+            size = 16_384;
+        }
+        size = size.max(32);
+    }
+    size.div_ceil(512) * 512
+}
+
+/// (major, minor) of a release string such as `6.1.0-56-amd64`.
+pub fn kernel_version(release: &str) -> (u32, u32) {
+    let mut it = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse().ok());
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+/// MemTotal in bytes (what the kernel sized its defaults from, to within reserved memory).
+pub fn mem_total() -> Option<u64> {
+    let text = fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Where the value of `key` is set to survive a reboot (`path:line` in sysctl.d, or the
+/// modprobe.d line for hashsize), on this host.
+pub fn persisted_in(key: &str) -> Option<String> {
+    use crate::check::{Ctx, config, fsroot::FsRoot};
+    let fs = FsRoot::new("/").ok()?;
+    let mut ctx = Ctx::new(&fs);
+    if key == HASHSIZE_KEY || key == "net.netfilter.nf_conntrack_buckets" {
+        return config::load_modprobe(&mut ctx).hashsize.map(|(_, src)| src.to_string());
+    }
+    config::load_sysctl(&mut ctx)
+        .effective
+        .get(key)
+        .map(|a| a.source.to_string())
+}
+
+/// The one-line fix for a reset key. `persisted_in` is the sysctl.d/modprobe.d line that holds
+/// the value, if any.
+pub fn fix(change: &Change, persisted_in: Option<&str>) -> String {
+    if change.key == HASHSIZE_KEY || change.key == "net.netfilter.nf_conntrack_buckets" {
+        return format!(
+            "hashsize only survives a reload as a module option: echo 'options nf_conntrack hashsize={}' > \
+/etc/modprobe.d/nf_conntrack.conf",
+            change.before
+        );
+    }
+    let reapply = "make it re-apply on every load: in /etc/modprobe.d/nf_conntrack.conf add `install nf_conntrack \
+/sbin/modprobe --ignore-install nf_conntrack $CMDLINE_OPTS && /sbin/sysctl -q --system` (with the iptables \
+service, also add the key to IPTABLES_SYSCTL_LOAD_LIST)";
+    match persisted_in {
+        Some(src) => format!("{src} sets it, but only at boot; {reapply}"),
+        None => format!(
+            "persist it (echo '{} = {}' > /etc/sysctl.d/90-conntrack.conf) and {reapply}",
+            change.key, change.before
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(pairs: &[(&str, &str)]) -> Snapshot {
+        Snapshot {
+            values: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        }
+    }
+
+    #[test]
+    fn reads_a_sysctl_tree() {
+        let dir = std::env::temp_dir().join(format!("ctrace-sysctl-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("nf_conntrack_max"), "7680\n").unwrap();
+        fs::write(dir.join("nf_conntrack_tcp_timeout_established"), "432000\n").unwrap();
+        fs::write(dir.join("unrelated"), "1\n").unwrap();
+        let hs = dir.join("hashsize");
+        fs::write(&hs, "7680\n").unwrap();
+        let s = Snapshot::read_from(&dir, &hs);
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(s.get("net.netfilter.nf_conntrack_max"), Some("7680"));
+        assert_eq!(s.get(HASHSIZE_KEY), Some("7680"));
+        assert_eq!(s.values.len(), 3);
+    }
+
+    #[test]
+    fn diff_reports_changed_settings_only() {
+        let before = snap(&[
+            ("net.netfilter.nf_conntrack_max", "1048576"),
+            ("net.netfilter.nf_conntrack_count", "12"),
+            ("net.netfilter.nf_conntrack_acct", "0"),
+        ]);
+        let after = snap(&[
+            ("net.netfilter.nf_conntrack_max", "7680"),
+            ("net.netfilter.nf_conntrack_count", "0"),
+            ("net.netfilter.nf_conntrack_acct", "0"),
+        ]);
+        assert_eq!(
+            diff(&before, &after),
+            vec![Change {
+                key: "net.netfilter.nf_conntrack_max".into(),
+                before: "1048576".into(),
+                after: "7680".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn defaults_match_the_kernels_measured_in_vms() {
+        // 1 GiB guests (MemTotal a little under 1 GiB): 6.1 and 6.12 measured 7680/8192.
+        let mem = 1_000_000 * 1024;
+        assert_eq!(default_buckets((6, 1), mem), 7680);
+        let after = snap(&[
+            ("net.netfilter.nf_conntrack_max", "7680"),
+            ("net.netfilter.nf_conntrack_buckets", "7680"),
+            ("net.netfilter.nf_conntrack_tcp_timeout_established", "432000"),
+            ("net.netfilter.nf_conntrack_udp_timeout_stream", "120"),
+        ]);
+        for key in [
+            "net.netfilter.nf_conntrack_max",
+            "net.netfilter.nf_conntrack_buckets",
+            "net.netfilter.nf_conntrack_tcp_timeout_established",
+            "net.netfilter.nf_conntrack_udp_timeout_stream",
+        ] {
+            assert_eq!(is_default(key, &after, (6, 1), mem), Some(true), "{key}");
+        }
+        assert_eq!(
+            is_default("net.netfilter.nf_conntrack_udp_timeout_stream", &after, (5, 10), mem),
+            Some(false)
+        );
+        // Older kernels: max = 4 x buckets; big machines get fixed sizes.
+        let old = snap(&[
+            ("net.netfilter.nf_conntrack_max", "262144"),
+            ("net.netfilter.nf_conntrack_buckets", "65536"),
+        ]);
+        assert_eq!(
+            is_default("net.netfilter.nf_conntrack_max", &old, (5, 10), 8 << 30),
+            Some(true)
+        );
+        assert_eq!(default_buckets((6, 6), 24 << 30), 262_144);
+        assert_eq!(
+            is_default("net.netfilter.nf_conntrack_events", &after, (6, 1), mem),
+            None
+        );
+    }
+
+    #[test]
+    fn fixes_name_the_right_mechanism() {
+        let hs = Change {
+            key: HASHSIZE_KEY.into(),
+            before: "262144".into(),
+            after: "7680".into(),
+        };
+        assert!(fix(&hs, None).contains("options nf_conntrack hashsize=262144"));
+        let max = Change {
+            key: "net.netfilter.nf_conntrack_max".into(),
+            before: "1048576".into(),
+            after: "7680".into(),
+        };
+        assert!(fix(&max, None).contains("net.netfilter.nf_conntrack_max = 1048576"));
+        assert!(fix(&max, Some("/etc/sysctl.d/90-ct.conf:3")).starts_with("/etc/sysctl.d/90-ct.conf:3 sets it"));
+        assert_eq!(kernel_version("6.1.0-56-amd64"), (6, 1));
+    }
+}
