@@ -211,6 +211,26 @@ pub struct ModuleEvent {
     pub cmdline: [u8; CMDLINE_LEN],
 }
 
+pub const SYSCTL_NAME_LEN: usize = 64;
+pub const SYSCTL_VALUE_LEN: usize = 32;
+
+/// A write to a conntrack sysctl (cgroup/sysctl program), before the kernel parses it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SysctlEvent {
+    pub ts_ns: u64,
+    pub pid: u32,
+    pub uid: u32,
+    /// 0 when this kernel gives sysctl programs no task helpers (before 6.1): pid/uid/comm unknown.
+    pub has_task: u32,
+    pub _pad: u32,
+    pub comm: [u8; TASK_COMM_LEN],
+    /// `net/netfilter/nf_conntrack_max`.
+    pub name: [u8; SYSCTL_NAME_LEN],
+    pub old: [u8; SYSCTL_VALUE_LEN],
+    pub new: [u8; SYSCTL_VALUE_LEN],
+}
+
 /// Offsets for module events: `struct module`, `struct task_struct`, `struct mm_struct`, and the
 /// syscall tracepoint records (read from tracefs `format` files).
 #[repr(C)]
@@ -260,5 +280,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<KernelLayout>(), 104);
         assert_eq!(core::mem::size_of::<ModuleEvent>(), 264);
         assert_eq!(core::mem::size_of::<ModuleLayout>(), 40);
+        assert_eq!(core::mem::size_of::<SysctlEvent>(), 168);
     }
 }

@@ -133,3 +133,12 @@ macro_rules! module_layout {
     };
 }
 pub(crate) use module_layout;
+
+/// Non-zero when cgroup/sysctl programs may call the task helpers (6.1+).
+#[unsafe(no_mangle)]
+static SYSCTL_TASK_HELPERS: u32 = 0;
+
+#[inline(always)]
+pub fn sysctl_task_helpers() -> bool {
+    read_const(&raw const SYSCTL_TASK_HELPERS) != 0
+}

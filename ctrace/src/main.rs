@@ -23,6 +23,7 @@ mod sanitize;
 mod session;
 mod summary;
 mod sysctl_state;
+mod sysctl_watch;
 
 use std::{io::IsTerminal as _, process::ExitCode};
 
@@ -43,6 +44,32 @@ fn make_output(json: bool, offset: time::UtcOffset) -> Output {
 /// refuses to read it later).
 fn local_offset() -> time::UtcOffset {
     time::UtcOffset::current_local_offset().unwrap_or(time::UtcOffset::UTC)
+}
+
+/// An error as one readable line: the context chain, with a BPF verifier log cut to its verdict
+/// (the full log is thousands of lines; `RUST_LOG=debug` prints it).
+pub fn brief(e: &anyhow::Error) -> String {
+    let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+    let text = chain.join(": ");
+    let Some(at) = text.find("Verifier output:") else {
+        return text;
+    };
+    log::debug!("{text}");
+    let verdict: Vec<&str> = text[at..]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with(':') && !l.starts_with("verification time") && !l.starts_with("processed")
+        })
+        .take(2)
+        .collect();
+    let verdict: Vec<&str> = verdict.into_iter().rev().collect();
+    format!(
+        "{} (verifier: {})",
+        text[..at].trim_end().trim_end_matches('.'),
+        verdict.join(" / ")
+    )
 }
 
 fn main() -> ExitCode {
@@ -87,8 +114,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the outermost context says what to do; the causes say why.
-            let causes: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("ctrace: {}", causes.join(": "));
+            eprintln!("ctrace: {}", brief(&e));
             if std::io::stderr().is_terminal() {
                 log::debug!("{e:?}");
             }

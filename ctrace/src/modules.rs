@@ -43,7 +43,8 @@ pub fn layout(btf: &Btf, tracefs: &Path) -> anyhow::Result<ModuleLayout> {
     })
 }
 
-/// Offset of `name` in a tracefs `format` file (`field:const char * name_user;	offset:16;	size:8;	signed:0;`).
+/// Offset of `name` in a tracefs `format` file (`field:const char * name_user; offset:16; size:8; signed:0;`,
+/// tab-separated).
 fn format_offset(format: &str, name: &str) -> Option<u32> {
     format.lines().find_map(|line| {
         let line = line.trim();

@@ -13,6 +13,7 @@ use crate::{
     modules::{Action, ModuleChange, errno_name},
     summary::Summary,
     sysctl_state::SysctlReset,
+    sysctl_watch::SysctlWrite,
 };
 
 /// Context that the kernel event does not carry, added by the session.
@@ -200,6 +201,26 @@ impl Output {
         m.insert("default".into(), json!(r.default));
         m.insert("persisted_in".into(), json!(r.persisted_in));
         m.insert("fix".into(), json!(r.fix));
+        self.alert(ts, &text, m);
+    }
+
+    pub fn sysctl_write(&mut self, ts: OffsetDateTime, w: &SysctlWrite) {
+        let who = match &w.task {
+            Some((pid, uid, comm)) => format!("{comm}[{pid}] (uid {uid})"),
+            None => "a process this kernel does not name (sysctl programs get no task helpers before 6.1)".to_owned(),
+        };
+        let text = format!("SYSCTL WRITE {} {} -> {} by {who}", w.key, w.old, w.new);
+        let mut m = serde_json::Map::new();
+        m.insert("event".into(), json!("sysctl_write"));
+        m.insert("ts".into(), json!(rfc3339(ts)));
+        m.insert("key".into(), json!(w.key));
+        m.insert("old".into(), json!(w.old));
+        m.insert("new".into(), json!(w.new));
+        if let Some((pid, uid, comm)) = &w.task {
+            m.insert("pid".into(), json!(pid));
+            m.insert("comm".into(), json!(comm));
+            m.insert("uid".into(), json!(uid));
+        }
         self.alert(ts, &text, m);
     }
 

@@ -28,7 +28,7 @@ use crate::{
         loader::{KernelFilters, Tracer},
     },
     summary::{NetnsSummary, Summary, Tally},
-    sysctl_state,
+    sysctl_state, sysctl_watch,
 };
 
 /// Converts `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) to wall-clock time.
@@ -121,6 +121,8 @@ struct Session {
     sysctls: Option<sysctl_state::Snapshot>,
     /// nf_conntrack is gone: keep `sysctls` as the "before" of the next load.
     sysctls_frozen: bool,
+    /// A sysctl write was seen: refresh the snapshot soon.
+    sysctl_dirty: bool,
 }
 
 impl Session {
@@ -198,6 +200,16 @@ impl Session {
         }
     }
 
+    fn handle_sysctl_record(&mut self, bytes: &[u8]) {
+        let Some(w) = sysctl_watch::parse_record(bytes) else {
+            return;
+        };
+        self.out.sysctl_write(self.clock.wall(w.ts_ns), &w);
+        // The kernel applies the value right after this program ran: refresh the snapshot on the
+        // next tick (a reload right after a write must still see the written value as "before").
+        self.sysctl_dirty = true;
+    }
+
     /// Once the reloaded nf_conntrack is live: probes and baselines start over.
     fn finish_reload(&mut self, tracer: &mut Tracer) {
         let Some(since) = self.reload_pending else { return };
@@ -227,14 +239,16 @@ impl Session {
         }
         match tracer.reattach_conntrack() {
             Ok(probes) => self.out.reattached(OffsetDateTime::now_utc(), "nf_conntrack", &probes),
-            Err(e) => self
-                .out
-                .notice(&format!("could not re-attach to the reloaded nf_conntrack: {e:#}")),
+            Err(e) => self.out.notice(&format!(
+                "could not re-attach to the reloaded nf_conntrack: {}",
+                crate::brief(&e)
+            )),
         }
     }
 
     /// Keeps the sysctl snapshot current while nf_conntrack is live and no reload is under way.
     fn refresh_sysctls(&mut self) {
+        self.sysctl_dirty = false;
         if self.sysctls_frozen || self.reload_pending.is_some() {
             return;
         }
@@ -368,7 +382,8 @@ early_drop eviction (kprobe on nf_ct_delete, armed while a table is over {:.0}% 
                 });
             }
             Err(e) => {
-                self.out.notice(&format!("cannot watch evictions: {e:#}"));
+                self.out
+                    .notice(&format!("cannot watch evictions: {}", crate::brief(&e)));
             }
         }
     }
@@ -398,6 +413,7 @@ pub async fn run(args: RunArgs, out: Output, hooks: Hooks) -> anyhow::Result<Sum
         reload_pending: None,
         sysctls: modules::kernel_has_modules().then(sysctl_state::Snapshot::read),
         sysctls_frozen: false,
+        sysctl_dirty: false,
     };
 
     // Counters before attaching: they seed the per-CPU baselines and the summary's deltas.
@@ -434,6 +450,9 @@ pub async fn run(args: RunArgs, out: Output, hooks: Hooks) -> anyhow::Result<Sum
     if let Some(why) = &tracer.modules_unwatched {
         s.out.notice(why);
     }
+    if let Some(why) = &tracer.sysctls_unwatched {
+        s.out.notice(why);
+    }
     if flow_filtered {
         s.out.notice(
             "early_drop evictions are not counted while --proto, --port or --host is set (the kernel counters \
@@ -449,6 +468,14 @@ carry no flow)",
         Some(rb) => Some(
             unsafe { AsyncFd::register_with_interest(rb, tokio::io::Interest::READABLE) }
                 .map_err(|e| anyhow::anyhow!("cannot poll the module ring buffer: {e}"))?,
+        ),
+        None => None,
+    };
+    // SAFETY: as above.
+    let mut sysctl_events = match tracer.take_sysctl_events()? {
+        Some(rb) => Some(
+            unsafe { AsyncFd::register_with_interest(rb, tokio::io::Interest::READABLE) }
+                .map_err(|e| anyhow::anyhow!("cannot poll the sysctl ring buffer: {e}"))?,
         ),
         None => None,
     };
@@ -481,6 +508,26 @@ carry no flow)",
                 None => std::future::pending().await,
             }
         };
+        let sysctl_ready = async {
+            match sysctl_events.as_mut() {
+                Some(fd) => fd.readable_mut().await.map(|mut g| {
+                    let mut records = vec![];
+                    while let Some(item) = g.get_inner_mut().next() {
+                        records.push(item.to_vec());
+                    }
+                    g.clear_ready();
+                    records
+                }),
+                None => std::future::pending().await,
+            }
+        };
+        let sysctl_settle = async {
+            if s.sysctl_dirty {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            } else {
+                std::future::pending::<()>().await
+            }
+        };
         let reload_poll = async {
             if s.reload_pending.is_some() {
                 tokio::time::sleep(Duration::from_millis(20)).await
@@ -507,6 +554,12 @@ carry no flow)",
                 s.finish_reload(&mut tracer);
             }
             _ = reload_poll => s.finish_reload(&mut tracer),
+            records = sysctl_ready => {
+                for r in records.context("sysctl ring buffer poll failed")? {
+                    s.handle_sysctl_record(&r);
+                }
+            }
+            _ = sysctl_settle => s.refresh_sysctls(),
             _ = tick.tick() => {
                 ticks += 1;
                 s.max = netns::conntrack_max();
@@ -534,12 +587,20 @@ carry no flow)",
     let lost_split = tracer.lost_netns_split()?;
     let mut events = events.into_inner();
     let mut module_events = module_events.map(AsyncFd::into_inner);
+    let mut sysctl_events = sysctl_events.map(AsyncFd::into_inner);
     drop(tracer);
     if let Some(rb) = module_events.as_mut() {
         while let Some(item) = rb.next() {
             let bytes = item.to_vec();
             drop(item);
             s.handle_module_record(&bytes);
+        }
+    }
+    if let Some(rb) = sysctl_events.as_mut() {
+        while let Some(item) = rb.next() {
+            let bytes = item.to_vec();
+            drop(item);
+            s.handle_sysctl_record(&bytes);
         }
     }
     s.poll_counters();
@@ -621,6 +682,7 @@ mod tests {
             reload_pending: None,
             sysctls: None,
             sysctls_frozen: false,
+            sysctl_dirty: false,
         }
     }
 

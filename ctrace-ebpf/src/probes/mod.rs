@@ -2,3 +2,4 @@
 pub mod conntrack;
 pub mod module;
 pub mod skb_drop;
+pub mod sysctl;

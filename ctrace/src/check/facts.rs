@@ -138,14 +138,14 @@ pub struct Defaults {
 /// `hashsize` given as a module option or on the kernel command line makes `max = 8 × hashsize` (all versions);
 /// otherwise buckets come from RAM (kernel-conntrack.md): before 5.15 RAM/16384/8, 16384 above 1 GiB, 65536 above
 /// 4 GiB, at least 32, max = 4 × buckets; from 5.15 the same base, 65536 above 1 GiB, 262144 above 4 GiB, at
-/// least 1024, max = buckets. Buckets are then rounded up to a multiple of PAGE_SIZE/8.
+/// least 1024, max = buckets. Buckets are rounded up to a multiple of PAGE_SIZE/8 before max is derived.
 pub fn kernel_defaults(kernel: &KernelVersion, mem_total_kb: u64, page_size: u64, hashsize: Option<u64>) -> Defaults {
     let page_size = page_size.max(512);
     let nr_pages = mem_total_kb.saturating_mul(1024) / page_size;
     let gib_pages = (1u64 << 30) / page_size;
     let new = kernel.at_least(5, 15);
     let mut approximate = false;
-    let (buckets, factor, rule) = match hashsize.filter(|&h| h > 0) {
+    let (buckets, factor, rule): (u64, u64, String) = match hashsize.filter(|&h| h > 0) {
         Some(h) => (h, 8, format!("hashsize={h} given: max = 8 × hashsize")),
         None => {
             let base = nr_pages.saturating_mul(page_size) / 16384 / 8;
@@ -175,10 +175,16 @@ pub fn kernel_defaults(kernel: &KernelVersion, mem_total_kb: u64, page_size: u64
             )
         }
     };
-    let max = buckets * factor;
+    // nf_ct_alloc_hashtable() rounds the size up before max and the expectation table are derived from it.
     let step = page_size / 8;
     let rounded = buckets.div_ceil(step) * step;
-    let expect_max = (buckets / 256).max(1) * 4;
+    let max = rounded * factor;
+    let rule = if rounded == buckets {
+        rule
+    } else {
+        format!("{rule}; buckets rounded up to {rounded}")
+    };
+    let expect_max = (rounded / 256).max(1) * 4;
     Defaults {
         buckets: rounded,
         max,
@@ -558,12 +564,30 @@ mod tests {
         assert_eq!((rhel.buckets, rhel.max), (65536, 262144));
         // 512 MiB: RAM/16384/8 = 4096 buckets; 5.15+ max = buckets, before: 4 × buckets.
         assert_eq!(kernel_defaults(&k("6.1"), 512 << 10, 4096, None).max, 4096);
+        // The 1 GiB Debian 6.1 guest: MemTotal 981,xxx kB, measured max = buckets = 7680.
+        let g = kernel_defaults(&k("6.1.0-56-amd64"), 981_500, 4096, None);
+        assert_eq!((g.buckets, g.max), (7680, 7680));
+        let g = kernel_defaults(&k("6.1.0-13-amd64"), 1_000_000, 4096, None);
+        assert!(g.approximate);
+        assert_eq!(Defaults::is_default(Some(&g), KEY_MAX, "7680"), Some(true));
+        assert_eq!(Defaults::is_default(Some(&g), KEY_BUCKETS, "7680"), Some(true));
+        assert_eq!(Defaults::is_default(Some(&g), KEY_MAX, "65536"), Some(false));
+        assert_eq!(
+            Defaults::is_default(Some(&d), KEY_MAX, "262000"),
+            Some(false),
+            "fixed sizes are exact"
+        );
+        assert_eq!(Defaults::is_default(None, KEY_EST, "432000"), Some(true));
+        assert_eq!(
+            Defaults::is_default(None, "net.netfilter.nf_conntrack_events", "1"),
+            None
+        );
         assert_eq!(kernel_defaults(&k("5.4"), 512 << 10, 4096, None).max, 16384);
         // Tiny RAM: the minimums.
         assert_eq!(kernel_defaults(&k("6.6"), 16 << 10, 4096, None).buckets, 1024);
         // hashsize given: max = 8 × hashsize, buckets rounded up to 512.
         let h = kernel_defaults(&k("6.1"), 8 << 20, 4096, Some(1000));
-        assert_eq!((h.buckets, h.max), (1024, 8000));
+        assert_eq!((h.buckets, h.max), (1024, 8192));
     }
 
     #[test]

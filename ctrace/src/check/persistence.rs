@@ -85,9 +85,15 @@ fn iptables_reload_list(ctx: &mut Ctx) -> Option<Evidence> {
     None
 }
 
-fn assignment_evidence(a: &Assignment, live: Option<&String>, default: Option<u64>) -> Evidence {
+fn assignment_evidence(a: &Assignment, live: Option<&String>, d: Option<&Defaults>) -> Evidence {
     let live = live.map_or("not present".to_owned(), |l| l.clone());
-    let default = default.map_or(String::new(), |d| format!(", default {d}"));
+    let approx = if d.is_some_and(|d| d.approximate) && [KEY_MAX, KEY_BUCKETS, KEY_EXPECT_MAX].contains(&a.key.as_str())
+    {
+        "≈ "
+    } else {
+        ""
+    };
+    let default = default_of(&a.key, d).map_or(String::new(), |v| format!(", default {approx}{v}"));
     Evidence::at(
         format!("{} = {} (live {live}{default})", a.key, a.value),
         a.source.to_string(),
@@ -113,7 +119,7 @@ pub fn check(ctx: &mut Ctx, facts: &Facts) {
         }
         match facts.live.get(key) {
             Some(l) if !same_value(l, &a.value) => {
-                not_in_effect = not_in_effect.evidence(assignment_evidence(a, Some(l), default_of(key, d)));
+                not_in_effect = not_in_effect.evidence(assignment_evidence(a, Some(l), d));
                 apply_now.push(format!("sysctl -w {key}={}", a.value));
             }
             Some(_) => {}
@@ -179,7 +185,7 @@ pub fn check(ctx: &mut Ctx, facts: &Facts) {
     );
     for (key, live) in facts.live.iter().filter(|(k, _)| is_ct_key(k)) {
         let Some(def) = default_of(key, d) else { continue };
-        if same_value(live, &def.to_string()) || facts.sysctl.effective.contains_key(key) {
+        if Defaults::is_default(d, key, live) != Some(false) || facts.sysctl.effective.contains_key(key) {
             continue;
         }
         if key == KEY_BUCKETS {
@@ -224,15 +230,11 @@ pub fn check(ctx: &mut Ctx, facts: &Facts) {
         );
         let mut files = BTreeSet::new();
         for (key, a) in facts.sysctl.effective.iter().filter(|(k, _)| is_ct_key(k)) {
-            let def = default_of(key, d);
             let Some(l) = facts.live.get(key) else { continue };
-            if key == KEY_BUCKETS
-                || !same_value(l, &a.value)
-                || def.is_some_and(|x| same_value(&a.value, &x.to_string()))
-            {
+            if key == KEY_BUCKETS || !same_value(l, &a.value) || Defaults::is_default(d, key, &a.value) == Some(true) {
                 continue;
             }
-            lost = lost.evidence(assignment_evidence(a, Some(l), def));
+            lost = lost.evidence(assignment_evidence(a, Some(l), d));
             files.insert(a.source.path.clone());
         }
         if !lost.evidence.is_empty() {
@@ -269,15 +271,17 @@ pub fn check(ctx: &mut Ctx, facts: &Facts) {
             severity,
             "the hash size is set as net.netfilter.nf_conntrack_buckets in a sysctl file: it is a module parameter (hashsize), the sysctl is read-only outside the initial netns and on old kernels, and applies only if nf_conntrack is loaded before systemd-sysctl",
         )
-        .evidence(assignment_evidence(a, live, default_of(KEY_BUCKETS, d)));
-        f = f.evidence(Evidence::at(
-            match writable {
-                Some(true) => "the sysctl is writable here (initial netns, kernel 4.7+)",
-                Some(false) => "the sysctl is read-only here: the line does nothing",
-                None => "the sysctl does not exist here",
-            },
-            proc_path(KEY_BUCKETS),
-        ));
+        .evidence(assignment_evidence(a, live, d));
+        if any_live {
+            f = f.evidence(Evidence::at(
+                match writable {
+                    Some(true) => "the sysctl is writable here (initial netns, kernel 4.7+)",
+                    Some(false) => "the sysctl is read-only here: the line does nothing",
+                    None => "this kernel has no such sysctl: the line does nothing",
+                },
+                proc_path(KEY_BUCKETS),
+            ));
+        }
         if builtin {
             f = f.evidence(Evidence::new(
                 "nf_conntrack is built in, so the line works at boot here; the kernel command line sizes the table once instead of resizing it",
@@ -295,7 +299,7 @@ pub fn check(ctx: &mut Ctx, facts: &Facts) {
             "sed -i '{}s/^/# /' {}   # comment the sysctl line out",
             a.source.line, a.source.path
         ));
-        if !applied {
+        if !applied && any_live {
             f = f.fix(format!("echo {n} > {HASHSIZE_PARAM}   # apply now"));
         }
         ctx.push(f);

@@ -3,7 +3,7 @@
 
 use super::{
     Ctx, Evidence, Finding, Severity,
-    facts::{Facts, HASHSIZE_PARAM, KEY_BUCKETS, KEY_COUNT, KEY_MAX, ModuleState, NF_SYSCTL_DIR, proc_path},
+    facts::{Defaults, Facts, HASHSIZE_PARAM, KEY_BUCKETS, KEY_COUNT, KEY_MAX, ModuleState, NF_SYSCTL_DIR, proc_path},
 };
 
 const FILL_WARN: f64 = 75.0;
@@ -106,8 +106,11 @@ pub fn check(ctx: &mut Ctx, facts: &Facts) {
     }
     if let Some(d) = &defaults {
         summary = summary.evidence(Evidence::new(format!(
-            "kernel default for this RAM: nf_conntrack_max = {}, nf_conntrack_buckets = {} ({})",
-            d.max, d.buckets, d.rule
+            "kernel default for this RAM: nf_conntrack_max = {approx}{}, nf_conntrack_buckets = {approx}{} ({})",
+            d.max,
+            d.buckets,
+            d.rule,
+            approx = if d.approximate { "≈ " } else { "" }
         )));
     }
     if let Some(h) = facts.hashsize_param {
@@ -168,6 +171,7 @@ pub fn check(ctx: &mut Ctx, facts: &Facts) {
 
     if let Some(d) = &defaults
         && max < d.max
+        && Defaults::is_default(Some(d), KEY_MAX, &max.to_string()) == Some(false)
     {
         ctx.push(
             Finding::new(

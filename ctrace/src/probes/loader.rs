@@ -33,6 +33,8 @@ pub struct Tracer {
     kprobe_links: Vec<(&'static str, KProbeLinkId)>,
     /// Why module events are not watched (None = they are).
     pub modules_unwatched: Option<String>,
+    /// Why sysctl writes are not watched (None = they are).
+    pub sysctls_unwatched: Option<String>,
     /// nf_ct_delete, when evictions can be listed (kprobe mode, offsets of struct nf_conn known).
     eviction_target: Option<String>,
     eviction_link: Option<KProbeLinkId>,
@@ -78,7 +80,7 @@ impl Tracer {
 
         let module_layout = if crate::modules::kernel_has_modules() {
             crate::modules::layout(&btf, std::path::Path::new(crate::modules::TRACEFS))
-                .map_err(|e| format!("module events are not watched: {e:#}"))
+                .map_err(|e| format!("module events are not watched: {}", crate::brief(&e)))
         } else {
             Err(
                 "this kernel has no loadable modules (CONFIG_MODULES is off): nf_conntrack is built in, so no \
@@ -87,6 +89,8 @@ reload can reset its sysctls"
             )
         };
         let module_globals = module_layout.clone().unwrap_or_default();
+        let sysctl_task_helpers: u32 =
+            crate::sysctl_watch::task_helpers(crate::sysctl_state::kernel_version(&release)).into();
         let mut ebpf = EbpfLoader::new()
             .override_global("LAYOUT", &kernel_layout, true)
             .override_global("FILTER_NETNS", &filters.netns, true)
@@ -99,6 +103,7 @@ reload can reset its sysctls"
             .override_global("L4PROTO_LOG_INVALID_FMT", &l4_fmt, true)
             .override_global("CT_L4PROTO_LOG_INVALID_FMT", &ct_l4_fmt, true)
             .override_global("MODULE_LAYOUT", &module_globals, true)
+            .override_global("SYSCTL_TASK_HELPERS", &sysctl_task_helpers, true)
             .load(EBPF_OBJECT)
             .context("the kernel refused ctrace's BPF programs")?;
 
@@ -124,13 +129,17 @@ reload can reset its sysctls"
         let modules_unwatched = match &module_layout {
             Ok(_) => crate::modules::attach(&mut ebpf, &aya_btf)
                 .err()
-                .map(|e| format!("{e:#}")),
+                .map(|e| crate::brief(&e)),
             Err(why) => Some(why.clone()),
         };
+        let sysctls_unwatched = crate::sysctl_watch::attach(&mut ebpf)
+            .err()
+            .map(|e| format!("sysctl writes are not watched: {}", crate::brief(&e)));
         Ok(Tracer {
             ebpf,
             kprobe_links,
             modules_unwatched,
+            sysctls_unwatched,
             eviction_target,
             eviction_link: None,
         })
@@ -198,6 +207,17 @@ reload can reset its sysctls"
             .ebpf
             .take_map("MODULE_EVENTS")
             .context("MODULE_EVENTS map missing")?;
+        Ok(Some(RingBuf::try_from(map)?))
+    }
+
+    pub fn take_sysctl_events(&mut self) -> anyhow::Result<Option<RingBuf<MapData>>> {
+        if self.sysctls_unwatched.is_some() {
+            return Ok(None);
+        }
+        let map = self
+            .ebpf
+            .take_map("SYSCTL_EVENTS")
+            .context("SYSCTL_EVENTS map missing")?;
         Ok(Some(RingBuf::try_from(map)?))
     }
 
