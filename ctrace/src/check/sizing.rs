@@ -106,11 +106,11 @@ pub fn check(ctx: &mut Ctx, facts: &Facts) {
     }
     if let Some(d) = &defaults {
         summary = summary.evidence(Evidence::new(format!(
-            "kernel default for this RAM: nf_conntrack_max = {approx}{}, nf_conntrack_buckets = {approx}{} ({})",
+            "kernel default for this RAM: nf_conntrack_max {eq} {}, nf_conntrack_buckets {eq} {} ({})",
             d.max,
             d.buckets,
             d.rule,
-            approx = if d.approximate { "≈ " } else { "" }
+            eq = if d.approximate { "≈" } else { "=" }
         )));
     }
     if let Some(h) = facts.hashsize_param {
