@@ -73,7 +73,20 @@ pub fn brief(e: &anyhow::Error) -> String {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            // One line for a bad flag or value (clap adds a usage hint on further lines).
+            let text = e.to_string();
+            eprintln!("ctrace: {}", text.lines().next().unwrap_or("bad usage").trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let offset = local_offset();
 

@@ -36,7 +36,7 @@ pub fn check() -> Option<String> {
         return None;
     }
     Some(format!(
-        "ctrace needs root (missing {}): run it with sudo",
+        "this needs root (missing {}): run it with sudo",
         missing.join(", ")
     ))
 }
