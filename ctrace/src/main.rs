@@ -78,7 +78,10 @@ fn main() -> ExitCode {
         Err(e) if e.use_stderr() => {
             // One line for a bad flag or value (clap adds a usage hint on further lines).
             let text = e.to_string();
-            eprintln!("ctrace: {}", text.lines().next().unwrap_or("bad usage").trim_start_matches("error: "));
+            eprintln!(
+                "ctrace: {}",
+                text.lines().next().unwrap_or("bad usage").trim_start_matches("error: ")
+            );
             return ExitCode::from(2);
         }
         Err(e) => {

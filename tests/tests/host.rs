@@ -103,7 +103,10 @@ fn sysctl_writes_name_the_writer() {
     require_root();
     const KEY: &str = "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close";
     let ctrace = Ctrace::start(&["--rate-limit", "0"]).unwrap();
-    let comm = std::fs::read_to_string("/proc/thread-self/comm").unwrap().trim().to_owned();
+    let comm = std::fs::read_to_string("/proc/thread-self/comm")
+        .unwrap()
+        .trim()
+        .to_owned();
     let old = std::fs::read_to_string(KEY).unwrap().trim().to_owned();
     let new = if old == "11" { "12" } else { "11" };
     {
@@ -116,8 +119,14 @@ fn sysctl_writes_name_the_writer() {
         .filter(|v| v["event"] == "sysctl_write" && v["key"] == "net.netfilter.nf_conntrack_tcp_timeout_close")
         .collect();
     assert_eq!(writes.len(), 2, "both writes reported: {writes:?}");
-    assert_eq!((writes[0]["old"].as_str(), writes[0]["new"].as_str()), (Some(old.as_str()), Some(new)));
-    assert_eq!((writes[1]["old"].as_str(), writes[1]["new"].as_str()), (Some(new), Some(old.as_str())));
+    assert_eq!(
+        (writes[0]["old"].as_str(), writes[0]["new"].as_str()),
+        (Some(old.as_str()), Some(new))
+    );
+    assert_eq!(
+        (writes[1]["old"].as_str(), writes[1]["new"].as_str()),
+        (Some(new), Some(old.as_str()))
+    );
     for w in writes {
         assert_eq!(w["comm"], comm.as_str());
         assert_eq!(w["pid"], std::process::id());

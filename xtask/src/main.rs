@@ -10,6 +10,7 @@ mod run;
 mod setup;
 mod test;
 mod vm;
+mod vm_check;
 mod vm_tests;
 
 use clap::{Parser, Subcommand};

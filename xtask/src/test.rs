@@ -63,6 +63,7 @@ const STEPS: &[Step] = &[
     Step::new("unit tests", Kind::Unit, &[], unit_tests),
     Step::new("host integration tests", Kind::Host, HOST_PACKAGES, host_tests),
     Step::new("VM tests", Kind::Vm, VM_PACKAGES, crate::vm_tests::run_all),
+    Step::new("VM ctrace check", Kind::Vm, VM_PACKAGES, crate::vm_check::run),
 ];
 
 pub fn test(ws: &Path, args: &TestArgs) -> Result<()> {
