@@ -6,6 +6,12 @@
 
 use std::{collections::BTreeMap, fs, path::Path};
 
+use crate::check::{
+    Ctx, config,
+    facts::{self, Defaults, KernelVersion},
+    fsroot::FsRoot,
+};
+
 const SYSCTL_DIR: &str = "/proc/sys/net/netfilter";
 const HASHSIZE: &str = "/sys/module/nf_conntrack/parameters/hashsize";
 /// How `hashsize` is named in reports: it is a module option, not a sysctl.
@@ -80,14 +86,17 @@ pub fn resets(before: &Snapshot, after: &Snapshot) -> Vec<SysctlReset> {
     let release = nix::sys::utsname::uname()
         .map(|u| u.release().to_string_lossy().into_owned())
         .unwrap_or_default();
-    let kernel = kernel_version(&release);
-    let mem = mem_total().unwrap_or(0);
+    let kernel = KernelVersion::parse(&release);
+    let mem = mem_total_kb().unwrap_or(0);
+    let hashsize_option = hashsize_option();
     diff(before, after)
         .into_iter()
         .map(|change| {
             let persisted_in = persisted_in(&change.key);
             SysctlReset {
-                default: is_default(&change.key, after, kernel, mem),
+                default: kernel
+                    .as_ref()
+                    .and_then(|k| is_default(&change.key, after, k, mem, hashsize_option)),
                 fix: fix(&change, persisted_in.as_deref()),
                 persisted_in,
                 change,
@@ -114,105 +123,49 @@ pub fn diff(before: &Snapshot, after: &Snapshot) -> Vec<Change> {
         .collect()
 }
 
-/// Compiled-in defaults that do not depend on the machine (the same from 4.18 to 6.18 unless noted).
-fn fixed_default(key: &str, kernel: (u32, u32)) -> Option<&'static str> {
-    let name = key.strip_prefix("net.netfilter.")?;
-    Some(match name {
-        "nf_conntrack_tcp_timeout_established" => "432000",
-        "nf_conntrack_tcp_timeout_syn_sent" => "120",
-        "nf_conntrack_tcp_timeout_syn_recv" => "60",
-        "nf_conntrack_tcp_timeout_fin_wait" => "120",
-        "nf_conntrack_tcp_timeout_close_wait" => "60",
-        "nf_conntrack_tcp_timeout_last_ack" => "30",
-        "nf_conntrack_tcp_timeout_time_wait" => "120",
-        "nf_conntrack_tcp_timeout_close" => "10",
-        "nf_conntrack_tcp_timeout_max_retrans" => "300",
-        "nf_conntrack_tcp_timeout_unacknowledged" => "300",
-        "nf_conntrack_udp_timeout" => "30",
-        // 6.1 lowered the stream timeout from 180 to 120 s.
-        "nf_conntrack_udp_timeout_stream" if kernel >= (6, 1) => "120",
-        "nf_conntrack_udp_timeout_stream" => "180",
-        "nf_conntrack_icmp_timeout" => "30",
-        "nf_conntrack_icmpv6_timeout" => "30",
-        "nf_conntrack_generic_timeout" => "600",
-        "nf_conntrack_tcp_loose" => "1",
-        "nf_conntrack_tcp_be_liberal" => "0",
-        "nf_conntrack_tcp_max_retrans" => "3",
-        "nf_conntrack_checksum" => "1",
-        "nf_conntrack_log_invalid" => "0",
-        "nf_conntrack_acct" => "0",
-        "nf_conntrack_timestamp" => "0",
-        "nf_conntrack_helper" => "0",
-        _ => return None,
-    })
-}
-
 /// Whether `after` is what the kernel sets by itself on this machine; None when ctrace cannot tell.
-/// `buckets` is the reloaded table size, `kernel` the running kernel's (major, minor).
-pub fn is_default(key: &str, after: &Snapshot, kernel: (u32, u32), mem_bytes: u64) -> Option<bool> {
+/// The formulas live in `check::facts` (shared with `ctrace check`). `hashsize_option` is the
+/// `options nf_conntrack hashsize=` value, if one is configured (it changes the defaults).
+pub fn is_default(
+    key: &str,
+    after: &Snapshot,
+    kernel: &KernelVersion,
+    mem_kb: u64,
+    hashsize_option: Option<u64>,
+) -> Option<bool> {
     let value = after.get(key)?;
-    if let Some(d) = fixed_default(key, kernel) {
-        return Some(value == d);
+    // The UDP stream timeout changed in 6.1 (180 s to 120 s), so it is not in the static table.
+    if key == "net.netfilter.nf_conntrack_udp_timeout_stream" {
+        return Some(value == if kernel.at_least(6, 1) { "120" } else { "180" });
     }
-    let buckets_default = default_buckets(kernel, mem_bytes);
-    match key {
-        "net.netfilter.nf_conntrack_buckets" | HASHSIZE_KEY => Some(value.parse::<u64>().ok()? == buckets_default),
-        "net.netfilter.nf_conntrack_max" => {
-            let buckets: u64 = after.get("net.netfilter.nf_conntrack_buckets")?.parse().ok()?;
-            Some(value.parse::<u64>().ok()? == max_factor(kernel) * buckets)
-        }
-        _ => None,
-    }
+    let defaults = facts::kernel_defaults(kernel, mem_kb, page_size(), hashsize_option);
+    let key = if key == HASHSIZE_KEY { facts::KEY_BUCKETS } else { key };
+    Defaults::is_default(Some(&defaults), key, value)
 }
 
-/// nf_conntrack_max = factor × buckets when no hashsize option is given: 4 before 5.15, 1 since.
-fn max_factor(kernel: (u32, u32)) -> u64 {
-    if kernel >= (5, 15) { 1 } else { 4 }
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if v > 0 { v as u64 } else { 4096 }
 }
 
-/// The kernel's default number of buckets for `mem_bytes` of RAM (nf_conntrack_init_start),
-/// rounded up as nf_ct_alloc_hashtable does (to a page of bucket heads).
-pub fn default_buckets(kernel: (u32, u32), mem_bytes: u64) -> u64 {
-    const GIB: u64 = 1 << 30;
-    let mut size = mem_bytes / 16384 / 8;
-    if kernel >= (5, 15) {
-        if mem_bytes > 4 * GIB {
-            size = 262_144;
-        } else if mem_bytes > GIB {
-            size = 65_536;
-        }
-        size = size.max(1024);
-    } else {
-        if mem_bytes > 4 * GIB {
-            size = 65_536;
-        } else if mem_bytes > GIB {
-            size = 16_384;
-        }
-        size = size.max(32);
-    }
-    size.div_ceil(512) * 512
-}
-
-/// (major, minor) of a release string such as `6.1.0-56-amd64`.
-pub fn kernel_version(release: &str) -> (u32, u32) {
-    let mut it = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|p| p.parse().ok());
-    (it.next().unwrap_or(0), it.next().unwrap_or(0))
-}
-
-/// MemTotal in bytes (what the kernel sized its defaults from, to within reserved memory).
-pub fn mem_total() -> Option<u64> {
+/// MemTotal in KiB (what the kernel sized its defaults from).
+fn mem_total_kb() -> Option<u64> {
     let text = fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// `options nf_conntrack hashsize=N` from modprobe.d, if configured.
+fn hashsize_option() -> Option<u64> {
+    let fs = FsRoot::new("/").ok()?;
+    let mut ctx = Ctx::new(&fs);
+    config::load_modprobe(&mut ctx).hashsize.map(|(n, _)| n)
 }
 
 /// Where the value of `key` is set to survive a reboot (`path:line` in sysctl.d, or the
 /// modprobe.d line for hashsize), on this host.
 pub fn persisted_in(key: &str) -> Option<String> {
-    use crate::check::{Ctx, config, fsroot::FsRoot};
     let fs = FsRoot::new("/").ok()?;
     let mut ctx = Ctx::new(&fs);
     if key == HASHSIZE_KEY || key == "net.netfilter.nf_conntrack_buckets" {
@@ -297,38 +250,40 @@ mod tests {
     #[test]
     fn defaults_match_the_kernels_measured_in_vms() {
         // A 1 GiB guest's 6.1 kernel sees about 980 MB of RAM and defaults to 7680 buckets (measured).
-        let mem = 980_000 * 1024;
-        assert_eq!(default_buckets((6, 1), mem), 7680);
+        let mem_kb = 980_000;
+        let k61 = KernelVersion::parse("6.1.0-56-amd64").unwrap();
         let after = snap(&[
             ("net.netfilter.nf_conntrack_max", "7680"),
             ("net.netfilter.nf_conntrack_buckets", "7680"),
+            (HASHSIZE_KEY, "7680"),
             ("net.netfilter.nf_conntrack_tcp_timeout_established", "432000"),
             ("net.netfilter.nf_conntrack_udp_timeout_stream", "120"),
         ]);
-        for key in [
-            "net.netfilter.nf_conntrack_max",
-            "net.netfilter.nf_conntrack_buckets",
-            "net.netfilter.nf_conntrack_tcp_timeout_established",
-            "net.netfilter.nf_conntrack_udp_timeout_stream",
-        ] {
-            assert_eq!(is_default(key, &after, (6, 1), mem), Some(true), "{key}");
+        for key in after.values.keys() {
+            assert_eq!(is_default(key, &after, &k61, mem_kb, None), Some(true), "{key}");
         }
+        let k510 = KernelVersion::parse("5.10.0-46-cloud-amd64").unwrap();
         assert_eq!(
-            is_default("net.netfilter.nf_conntrack_udp_timeout_stream", &after, (5, 10), mem),
+            is_default(
+                "net.netfilter.nf_conntrack_udp_timeout_stream",
+                &after,
+                &k510,
+                mem_kb,
+                None
+            ),
             Some(false)
         );
-        // Older kernels: max = 4 x buckets; big machines get fixed sizes.
-        let old = snap(&[
-            ("net.netfilter.nf_conntrack_max", "262144"),
-            ("net.netfilter.nf_conntrack_buckets", "65536"),
+        // A hashsize option makes max = 8 x hashsize.
+        let opt = snap(&[
+            ("net.netfilter.nf_conntrack_max", "131072"),
+            ("net.netfilter.nf_conntrack_buckets", "16384"),
         ]);
         assert_eq!(
-            is_default("net.netfilter.nf_conntrack_max", &old, (5, 10), 8 << 30),
+            is_default("net.netfilter.nf_conntrack_max", &opt, &k61, mem_kb, Some(16384)),
             Some(true)
         );
-        assert_eq!(default_buckets((6, 6), 24 << 30), 262_144);
         assert_eq!(
-            is_default("net.netfilter.nf_conntrack_events", &after, (6, 1), mem),
+            is_default("net.netfilter.nf_conntrack_events", &after, &k61, mem_kb, None),
             None
         );
     }
@@ -348,6 +303,5 @@ mod tests {
         };
         assert!(fix(&max, None).contains("net.netfilter.nf_conntrack_max = 1048576"));
         assert!(fix(&max, Some("/etc/sysctl.d/90-ct.conf:3")).starts_with("/etc/sysctl.d/90-ct.conf:3 sets it"));
-        assert_eq!(kernel_version("6.1.0-56-amd64"), (6, 1));
     }
 }

@@ -27,8 +27,8 @@ fn cgroup2_in(mounts: &str) -> Option<PathBuf> {
 }
 
 /// cgroup/sysctl programs may call the task helpers (pid, uid, comm) since 6.1.
-pub fn task_helpers(kernel: (u32, u32)) -> bool {
-    kernel >= (6, 1)
+pub fn task_helpers(release: &str) -> bool {
+    crate::check::facts::KernelVersion::parse(release).is_some_and(|k| k.at_least(6, 1))
 }
 
 pub fn attach(ebpf: &mut Ebpf) -> anyhow::Result<()> {
@@ -117,6 +117,6 @@ mod tests {
         assert_eq!((w.old.as_str(), w.new.as_str()), ("262144", "131072"));
         assert_eq!(w.task, Some((42, 0, "kube-proxy".into())));
         assert!(parse_record(&bytes[..10]).is_none());
-        assert!(task_helpers((6, 1)) && !task_helpers((5, 10)));
+        assert!(task_helpers("6.1.0-56-amd64") && !task_helpers("5.10.0-46-cloud-amd64"));
     }
 }

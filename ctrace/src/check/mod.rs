@@ -8,7 +8,7 @@
 
 pub(crate) mod config;
 mod counters;
-mod facts;
+pub(crate) mod facts;
 pub mod fsroot;
 mod persistence;
 mod reload_traps;

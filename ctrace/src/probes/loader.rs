@@ -89,8 +89,7 @@ reload can reset its sysctls"
             )
         };
         let module_globals = module_layout.clone().unwrap_or_default();
-        let sysctl_task_helpers: u32 =
-            crate::sysctl_watch::task_helpers(crate::sysctl_state::kernel_version(&release)).into();
+        let sysctl_task_helpers: u32 = crate::sysctl_watch::task_helpers(&release).into();
         let mut ebpf = EbpfLoader::new()
             .override_global("LAYOUT", &kernel_layout, true)
             .override_global("FILTER_NETNS", &filters.netns, true)
