@@ -152,7 +152,14 @@ impl Session {
             self.tally.add(&d, 1);
         }
         if let Admit::Print = self.limiter.admit(&d, 1) {
-            let ctx = self.ctx(d.netns);
+            let mut ctx = self.ctx(d.netns);
+            // A table-full drop means the table was at its limit at that instant; the polled
+            // count can be up to a second old.
+            if d.reason == Reason::TableFull
+                && let Some(max) = self.max
+            {
+                ctx.table = Some((max, max));
+            }
             self.out.drop(self.clock.wall(d.ts_ns), &d, &ctx);
         }
     }
@@ -247,16 +254,21 @@ impl Session {
     }
 
     /// Keeps the sysctl snapshot current while nf_conntrack is live and no reload is under way.
+    /// An unload removes the sysctls before the module is gone: a snapshot is only kept when the
+    /// module was live before and after it was read and the table size is in it, so a half-torn
+    /// state never replaces the values the next reload is compared with.
     fn refresh_sysctls(&mut self) {
         self.sysctl_dirty = false;
-        if self.sysctls_frozen || self.reload_pending.is_some() {
+        if self.sysctls_frozen || self.reload_pending.is_some() || self.sysctls.is_none() {
             return;
         }
-        if let Some(s) = self.sysctls.as_mut() {
-            let now = sysctl_state::Snapshot::read();
-            if !now.is_empty() {
-                *s = now;
-            }
+        let live = || modules::is_live("nf_conntrack");
+        if !live() {
+            return;
+        }
+        let now = sysctl_state::Snapshot::read();
+        if now.get("net.netfilter.nf_conntrack_max").is_some() && live() {
+            self.sysctls = Some(now);
         }
     }
 

@@ -91,6 +91,8 @@ pub fn resets(before: &Snapshot, after: &Snapshot) -> Vec<SysctlReset> {
     let hashsize_option = hashsize_option();
     diff(before, after)
         .into_iter()
+        // A hashsize option the reload applied is configuration, not a reset.
+        .filter(|c| !(is_table_size(&c.key) && hashsize_option.is_some_and(|h| c.after == h.to_string())))
         .map(|change| {
             let persisted_in = persisted_in(&change.key);
             SysctlReset {
@@ -156,6 +158,10 @@ fn mem_total_kb() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+fn is_table_size(key: &str) -> bool {
+    key == HASHSIZE_KEY || key == "net.netfilter.nf_conntrack_buckets"
+}
+
 /// `options nf_conntrack hashsize=N` from modprobe.d, if configured.
 fn hashsize_option() -> Option<u64> {
     let fs = FsRoot::new("/").ok()?;
@@ -168,7 +174,7 @@ fn hashsize_option() -> Option<u64> {
 pub fn persisted_in(key: &str) -> Option<String> {
     let fs = FsRoot::new("/").ok()?;
     let mut ctx = Ctx::new(&fs);
-    if key == HASHSIZE_KEY || key == "net.netfilter.nf_conntrack_buckets" {
+    if is_table_size(key) {
         return config::load_modprobe(&mut ctx).hashsize.map(|(_, src)| src.to_string());
     }
     config::load_sysctl(&mut ctx)
@@ -180,7 +186,7 @@ pub fn persisted_in(key: &str) -> Option<String> {
 /// The one-line fix for a reset key. `persisted_in` is the sysctl.d/modprobe.d line that holds
 /// the value, if any.
 pub fn fix(change: &Change, persisted_in: Option<&str>) -> String {
-    if change.key == HASHSIZE_KEY || change.key == "net.netfilter.nf_conntrack_buckets" {
+    if is_table_size(&change.key) {
         return format!(
             "hashsize only survives a reload as a module option: echo 'options nf_conntrack hashsize={}' > \
 /etc/modprobe.d/nf_conntrack.conf",

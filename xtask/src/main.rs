@@ -5,12 +5,14 @@
 
 mod build;
 mod debian;
+mod demo_vm;
 mod dist;
 mod run;
 mod setup;
 mod test;
 mod vm;
 mod vm_check;
+mod vm_reload_tests;
 mod vm_tests;
 
 use clap::{Parser, Subcommand};
@@ -36,6 +38,19 @@ enum Command {
     Dist,
     /// Runs the unit tests and the integration tests.
     Test(test::TestArgs),
+    /// Shows ctrace at work: on this host (`ctrace demo`), or with `--vm` the whole reload trap in a
+    /// Debian guest (raise the limit, stop the firewall, watch the reset and the drops).
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Boot a Debian kernel in QEMU and show the module-reload trap there.
+    #[arg(long)]
+    vm: bool,
+    /// The guest kernel for --vm: 5.10, 6.1 or 6.12.
+    #[arg(default_value = "6.1", requires = "vm")]
+    kernel: String,
 }
 
 fn main() -> ExitCode {
@@ -47,6 +62,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&ws, args),
         Command::Dist => dist::dist(&ws).map(drop),
         Command::Test(args) => test::test(&ws, &args),
+        Command::Demo(args) if args.vm => demo_vm::run(&ws, &args.kernel),
+        Command::Demo(_) => run::run_ctrace(&ws, &["demo"]),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

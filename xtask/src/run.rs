@@ -18,6 +18,17 @@ pub struct RunArgs {
     args: Vec<OsString>,
 }
 
+/// `cargo xtask demo` without --vm: the same as `cargo xtask run -- demo`.
+pub fn run_ctrace(ws: &Path, args: &[&str]) -> Result<()> {
+    run(
+        ws,
+        RunArgs {
+            release: false,
+            args: args.iter().map(OsString::from).collect(),
+        },
+    )
+}
+
 /// Builds ctrace and replaces this process with it (so its exit code and signals pass straight through).
 pub fn run(ws: &Path, args: RunArgs) -> Result<()> {
     setup::ensure_debian_packages(setup::RUN_PACKAGES)?;

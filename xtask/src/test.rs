@@ -64,6 +64,12 @@ const STEPS: &[Step] = &[
     Step::new("host integration tests", Kind::Host, HOST_PACKAGES, host_tests),
     Step::new("VM tests", Kind::Vm, VM_PACKAGES, crate::vm_tests::run_all),
     Step::new("VM ctrace check", Kind::Vm, VM_PACKAGES, crate::vm_check::run),
+    Step::new(
+        "VM module reload tests",
+        Kind::Vm,
+        VM_PACKAGES,
+        crate::vm_reload_tests::run_all,
+    ),
 ];
 
 pub fn test(ws: &Path, args: &TestArgs) -> Result<()> {

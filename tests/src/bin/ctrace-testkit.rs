@@ -10,7 +10,8 @@
 //! - `tcp-peak --count N --port P`: a listener on 0.0.0.0:P and N TCP connections from 127.0.0.1 to the destinations
 //!   above, opened without blocking and held open for `--hold-ms`: established connections are ASSURED conntrack
 //!   entries, which early_drop cannot evict, so past nf_conntrack_max new SYNs are dropped (table_full) and retried
-//!   by TCP. Prints `established=<connections that completed> pending=<still connecting when it gave up>`.
+//!   by TCP. It waits until no connection completed for 250 ms (or `--wait-ms`), closes the ones still connecting
+//!   (so TCP does not retry them) and prints `established=<completed> pending=<still connecting, closed>`.
 //! - `write-sysctl KEY VALUE`: writes VALUE to `/proc/sys/KEY` (dots as slashes) from this process, so that the
 //!   writer's comm is `ctrace-testkit`, and prints `old=<value before> new=<value after> pid=<its pid>`.
 //!
@@ -198,11 +199,25 @@ fn tcp_peak(count: u32, port: u16, wait_ms: u64, hold_ms: u64) -> Result<()> {
                 }
             }
         }
+        // Wait until every connection is accepted, or none was for STALL (the rest wait for a SYN retransmit), or
+        // --wait-ms ran out.
+        const STALL: Duration = Duration::from_millis(250);
         let deadline = Instant::now() + Duration::from_millis(wait_ms);
-        while result.is_ok() && accepted.load(Ordering::Relaxed) < count && Instant::now() < deadline {
+        let (mut seen, mut progress) = (0, Instant::now());
+        while result.is_ok() && seen < count && Instant::now() < deadline && progress.elapsed() < STALL {
             std::thread::sleep(Duration::from_millis(20));
+            let now = accepted.load(Ordering::Relaxed);
+            if now != seen {
+                (seen, progress) = (now, Instant::now());
+            }
         }
-        let established = clients.iter().filter(|fd| is_connected(fd)).count();
+        // Connections still in SYN_SENT are closed at once, so that TCP does not retry them while the others are held.
+        let (clients, pending): (Vec<OwnedFd>, Vec<OwnedFd>) = clients.into_iter().partition(is_connected);
+        let pending = {
+            let n = pending.len();
+            drop(pending);
+            n
+        };
         if result.is_ok() {
             std::thread::sleep(Duration::from_millis(hold_ms));
         }
@@ -211,7 +226,7 @@ fn tcp_peak(count: u32, port: u16, wait_ms: u64, hold_ms: u64) -> Result<()> {
         drop(clients);
         drop(held);
         result?;
-        println!("established={established} pending={}", count as usize - established);
+        println!("established={} pending={pending}", count as usize - pending);
         Ok(())
     })
 }
