@@ -108,6 +108,38 @@ impl RateLimiter {
     }
 }
 
+/// At most `max_lines` aggregates for one second: the busiest destinations (two drops or more)
+/// stay on their own lines, everything else folds into one line per (reason, netns, protocol)
+/// that counts its destinations and keeps its ports.
+pub fn fold(mut aggs: Vec<(AggKey, AggValue)>, max_lines: usize) -> Vec<(AggKey, AggValue)> {
+    if aggs.len() <= max_lines {
+        return aggs;
+    }
+    aggs.sort_by(|a, b| b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(&b.0)));
+    let keep = aggs
+        .iter()
+        .take(max_lines.saturating_sub(1))
+        .filter(|(_, v)| v.count >= 2)
+        .count();
+    let rest = aggs.split_off(keep);
+    let mut folded: BTreeMap<AggKey, AggValue> = BTreeMap::new();
+    for (k, v) in rest {
+        let e = folded.entry(AggKey { dst: None, ..k }).or_default();
+        e.count += v.count;
+        e.others += 1 + v.others;
+        for p in v.dports {
+            if e.dports.len() < MAX_PORTS {
+                e.dports.insert(p);
+            } else if !e.dports.contains(&p) {
+                e.ports_overflow = true;
+            }
+        }
+        e.ports_overflow |= v.ports_overflow;
+    }
+    aggs.extend(folded);
+    aggs
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +187,28 @@ mod tests {
         let f = rl.tick();
         assert_eq!(f.switched, Some(false));
         assert!(matches!(rl.admit(&drop_to(1), 1), Admit::Print));
+    }
+
+    #[test]
+    fn folding_keeps_busy_destinations_and_counts_the_rest() {
+        let mut rl = RateLimiter::new(1);
+        for _ in 0..5 {
+            rl.admit(&drop_to(7), 1);
+        }
+        for i in 0..100u16 {
+            let mut d = drop_to(80);
+            if let Some(f) = d.flow.as_mut() {
+                f.dst = std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 1, 0, i as u8));
+            }
+            rl.admit(&d, 1);
+        }
+        let lines = fold(rl.tick().aggregates, 10);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        // 10.0.0.2 got 4 folded drops (the first was printed): it keeps its own line.
+        assert_eq!(lines[0].1.count, 4);
+        assert_eq!(lines[1].0.dst, None);
+        assert_eq!((lines[1].1.count, lines[1].1.others), (100, 100));
+        assert_eq!(lines[1].1.dports.iter().copied().collect::<Vec<_>>(), vec![80]);
     }
 
     #[test]

@@ -414,7 +414,8 @@ impl Output {
                 let dst = match (key.dst, &ports) {
                     (Some(d), Some(p)) => format!("{d} {p}"),
                     (Some(d), None) => d.to_string(),
-                    (None, _) if v.others > 0 => format!("{} other destinations", v.others),
+                    (None, Some(p)) if v.others > 0 => format!("{} destinations, {p}", v.others),
+                    (None, None) if v.others > 0 => format!("{} destinations", v.others),
                     _ => "?".into(),
                 };
                 let row = Row {

@@ -17,7 +17,7 @@ use tokio::{
 };
 
 use crate::{
-    aggregate::{Admit, AggKey, AggValue, RateLimiter},
+    aggregate::{self, Admit, RateLimiter},
     cli::RunArgs,
     ctstat::{CounterDelta, CtStats},
     event, modules,
@@ -324,27 +324,9 @@ impl Session {
                 .notice("drop rate is back under the limit: printing every drop again"),
             None => {}
         }
-        let mut aggs = flush.aggregates;
-        aggs.sort_by(|a, b| b.1.count.cmp(&a.1.count).then_with(|| a.0.cmp(&b.0)));
-        let rest = if aggs.len() > MAX_AGGREGATE_LINES {
-            aggs.split_off(MAX_AGGREGATE_LINES)
-        } else {
-            vec![]
-        };
-        let mut folded: BTreeMap<AggKey, AggValue> = BTreeMap::new();
-        for (k, v) in rest {
-            let e = folded
-                .entry(AggKey {
-                    proto: None,
-                    dst: None,
-                    ..k
-                })
-                .or_default();
-            e.count += v.count;
-            e.others += 1 + v.others;
-        }
+        let aggs = aggregate::fold(flush.aggregates, MAX_AGGREGATE_LINES);
         let now = OffsetDateTime::now_utc();
-        for (k, v) in aggs.iter().map(|(k, v)| (k, v)).chain(folded.iter()) {
+        for (k, v) in &aggs {
             let ctx = self.ctx(k.netns);
             self.out.aggregate(now, k, v, &ctx);
         }
