@@ -187,6 +187,11 @@ pub mod module_kind {
     pub const DELETE_ENTER: u32 = 3;
     /// syscalls:sys_exit_delete_module: the answer (`ret`, 0 or -errno).
     pub const DELETE_EXIT: u32 = 4;
+    /// sched_process_exec of `modprobe` or `rmmod` (`cmdline` holds its argv).
+    pub const TOOL_EXEC: u32 = 5;
+    /// That tool's exit (`ret` = exit status): kmod refuses to unload a module in use by itself,
+    /// without calling delete_module, so its exit status is the only trace.
+    pub const TOOL_EXIT: u32 = 6;
 }
 
 pub const MODULE_NAME_LEN: usize = 56;
@@ -246,7 +251,7 @@ pub struct ModuleLayout {
     /// sys_enter_delete_module: offset of `name_user`; sys_exit_delete_module: offset of `ret`.
     pub delete_enter_name: u32,
     pub delete_exit_ret: u32,
-    pub _pad: u32,
+    pub task_exit_code: u32,
 }
 
 #[cfg(feature = "user")]

@@ -123,7 +123,7 @@ pub(crate) static MODULE_LAYOUT: ctrace_common::ModuleLayout = ctrace_common::Mo
     mm_arg_end: 0,
     delete_enter_name: 16,
     delete_exit_ret: 16,
-    _pad: 0,
+    task_exit_code: 0,
 };
 
 /// Reads one field of `MODULE_LAYOUT`.

@@ -39,7 +39,7 @@ pub fn layout(btf: &Btf, tracefs: &Path) -> anyhow::Result<ModuleLayout> {
         mm_arg_end: off("mm_struct", "arg_end")?,
         delete_enter_name: field("sys_enter_delete_module", "name_user")?,
         delete_exit_ret: field("sys_exit_delete_module", "ret")?,
-        _pad: 0,
+        task_exit_code: off("task_struct", "exit_code")?,
     })
 }
 
@@ -60,7 +60,12 @@ fn format_offset(format: &str, name: &str) -> Option<u32> {
 
 /// Attaches the module programs (loaded with `layout` already set as a global).
 pub fn attach(ebpf: &mut Ebpf, btf: &aya::Btf) -> anyhow::Result<()> {
-    for (prog, tp) in [("module_load", "module_load"), ("module_free", "module_free")] {
+    for (prog, tp) in [
+        ("module_load", "module_load"),
+        ("module_free", "module_free"),
+        ("module_tool_exec", "sched_process_exec"),
+        ("module_tool_exit", "sched_process_exit"),
+    ] {
         let p: &mut BtfTracePoint = ebpf.program_mut(prog).context("module program missing")?.try_into()?;
         p.load(tp, btf)
             .with_context(|| format!("cannot load the {tp} BTF tracepoint program"))?;
@@ -140,6 +145,9 @@ pub struct ModuleChange {
     pub errno: Option<i32>,
     /// What held the module when an unload failed (lsmod's "Used by").
     pub holders: Vec<String>,
+    /// Exit status of a modprobe/rmmod that refused the unload itself (kmod checks the holders
+    /// and never asks the kernel), when that is how it failed.
+    pub tool_status: Option<i64>,
     pub actor: Actor,
 }
 
@@ -169,16 +177,58 @@ pub fn parse_record(bytes: &[u8]) -> Option<ModuleEvent> {
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const ModuleEvent) })
 }
 
-/// Turns the raw steps into load / unload / unload_failed, pairing delete_module's entry and exit.
+/// A module a running modprobe/rmmod asks to remove, and what held it when the tool started.
+type RemovalTarget = (String, Vec<String>);
+
+/// Turns the raw steps into load / unload / unload_failed, pairing delete_module's entry and exit
+/// and modprobe/rmmod's start and exit.
 #[derive(Debug, Default)]
 pub struct Correlator {
     /// delete_module in progress: pid → (module name, its holders when the request was seen).
     deleting: HashMap<u32, (String, Vec<String>)>,
+    /// Running modprobe/rmmod: pid → the netfilter modules it asks to remove.
+    tools: HashMap<u32, Vec<RemovalTarget>>,
+    /// Tools that reached delete_module: the kernel's answer was reported already.
+    asked_kernel: std::collections::HashSet<u32>,
+}
+
+/// The modules a `modprobe -r ...` or `rmmod ...` command line asks to remove (empty if it is not
+/// a removal). Options that take a value skip it.
+pub fn removal_targets(argv: &[String]) -> Vec<String> {
+    let Some(tool) = argv.first().map(|a| a.rsplit('/').next().unwrap_or(a)) else {
+        return vec![];
+    };
+    let mut removal = tool == "rmmod";
+    let mut names = vec![];
+    let mut skip = false;
+    for a in &argv[1..] {
+        if skip {
+            skip = false;
+            continue;
+        }
+        if a == "--remove" || (a.starts_with('-') && !a.starts_with("--") && a.contains('r') && tool == "modprobe") {
+            removal = true;
+        } else if matches!(
+            a.as_str(),
+            "-C" | "--config" | "-d" | "--dirname" | "-S" | "--set-version" | "-o"
+        ) {
+            skip = true;
+        } else if !a.starts_with('-') {
+            names.push(a.replace('-', "_"));
+        }
+    }
+    if removal { names } else { vec![] }
 }
 
 impl Correlator {
     /// `holders_of` lists what holds a module (read from /sys/module/NAME/holders in production).
-    pub fn feed(&mut self, ev: &ModuleEvent, holders_of: impl Fn(&str) -> Vec<String>) -> Option<ModuleChange> {
+    /// `loaded` tells whether a module is still in memory (after a refused unload it is).
+    pub fn feed(
+        &mut self,
+        ev: &ModuleEvent,
+        holders_of: impl Fn(&str) -> Vec<String>,
+        loaded: impl Fn(&str) -> bool,
+    ) -> Vec<ModuleChange> {
         let name = kernel_str(&ev.name);
         let change = |action, name: String, errno, holders| ModuleChange {
             ts_ns: ev.ts_ns,
@@ -186,10 +236,51 @@ impl Correlator {
             name,
             errno,
             holders,
+            tool_status: None,
             actor: actor(ev),
         };
         match ev.kind {
-            module_kind::LOAD => is_netfilter_module(&name).then(|| change(Action::Load, name, None, vec![])),
+            module_kind::TOOL_EXEC => {
+                let argv: Vec<String> = ev
+                    .cmdline
+                    .split(|&b| b == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(kernel_str)
+                    .collect();
+                let targets = removal_targets(&argv)
+                    .into_iter()
+                    .filter(|n| is_netfilter_module(n))
+                    .map(|n| {
+                        let h = holders_of(&n);
+                        (n, h)
+                    })
+                    .collect();
+                self.tools.insert(ev.pid, targets);
+                vec![]
+            }
+            module_kind::TOOL_EXIT => {
+                let Some(targets) = self.tools.remove(&ev.pid) else {
+                    return vec![];
+                };
+                let asked = self.asked_kernel.remove(&ev.pid);
+                if ev.ret == 0 || asked {
+                    return vec![];
+                }
+                targets
+                    .into_iter()
+                    .filter(|(n, _)| loaded(n))
+                    .map(|(n, early)| {
+                        let mut holders = holders_of(&n);
+                        if holders.is_empty() {
+                            holders = early;
+                        }
+                        let mut c = change(Action::UnloadFailed, n, None, holders);
+                        c.tool_status = Some(ev.ret);
+                        c
+                    })
+                    .collect()
+            }
+            module_kind::LOAD if is_netfilter_module(&name) => vec![change(Action::Load, name, None, vec![])],
             module_kind::DELETE_ENTER => {
                 // Read the holders now too: a script may remove them right after a failed unload.
                 let holders = if is_netfilter_module(&name) {
@@ -198,14 +289,19 @@ impl Correlator {
                     vec![]
                 };
                 self.deleting.insert(ev.pid, (name, holders));
-                None
+                if self.tools.contains_key(&ev.pid) {
+                    self.asked_kernel.insert(ev.pid);
+                }
+                vec![]
             }
             module_kind::DELETE_EXIT => {
-                let (name, early_holders) = self.deleting.remove(&ev.pid)?;
+                let Some((name, early_holders)) = self.deleting.remove(&ev.pid) else {
+                    return vec![];
+                };
                 if !is_netfilter_module(&name) {
-                    return None;
+                    return vec![];
                 }
-                Some(if ev.ret == 0 {
+                vec![if ev.ret == 0 {
                     change(Action::Unload, name, None, vec![])
                 } else {
                     let mut holders = holders_of(&name);
@@ -213,10 +309,10 @@ impl Correlator {
                         holders = early_holders;
                     }
                     change(Action::UnloadFailed, name, Some((-ev.ret) as i32), holders)
-                })
+                }]
             }
             // The delete_module exit reports unloads with their outcome; module_free adds nothing.
-            _ => None,
+            _ => vec![],
         }
     }
 }
@@ -232,6 +328,11 @@ pub fn holders(name: &str) -> Vec<String> {
         .unwrap_or_default();
     v.sort();
     v
+}
+
+/// Whether a module is in memory.
+pub fn is_loaded(name: &str) -> bool {
+    Path::new("/sys/module").join(name).join("initstate").exists()
 }
 
 /// True once the module's init has finished (its sysctls then hold their new values).
@@ -275,12 +376,20 @@ mod tests {
         e
     }
 
+    fn one(v: Vec<ModuleChange>) -> Option<ModuleChange> {
+        assert!(v.len() <= 1, "{v:?}");
+        v.into_iter().next()
+    }
+
     #[test]
     fn pairs_delete_module_entry_and_exit() {
         let mut c = Correlator::default();
         let none = |_: &str| vec![];
-        assert_eq!(c.feed(&ev(module_kind::DELETE_ENTER, 7, "nf_conntrack", 0), none), None);
-        let ch = c.feed(&ev(module_kind::DELETE_EXIT, 7, "", 0), none).unwrap();
+        assert_eq!(
+            one(c.feed(&ev(module_kind::DELETE_ENTER, 7, "nf_conntrack", 0), none, |_| true)),
+            None
+        );
+        let ch = one(c.feed(&ev(module_kind::DELETE_EXIT, 7, "", 0), none, |_| false)).unwrap();
         assert_eq!(ch.action, Action::Unload);
         assert_eq!(ch.name, "nf_conntrack");
         assert_eq!(ch.actor.cmdline, "modprobe -r nf_conntrack");
@@ -290,23 +399,32 @@ mod tests {
     #[test]
     fn failed_unload_names_errno_and_holders() {
         let mut c = Correlator::default();
-        c.feed(&ev(module_kind::DELETE_ENTER, 9, "nf_conntrack", 0), |_| vec![]);
-        let ch = c
-            .feed(&ev(module_kind::DELETE_EXIT, 9, "", -(libc::EBUSY as i64)), |n| {
+        c.feed(
+            &ev(module_kind::DELETE_ENTER, 9, "nf_conntrack", 0),
+            |_| vec![],
+            |_| true,
+        );
+        let ch = one(c.feed(
+            &ev(module_kind::DELETE_EXIT, 9, "", -(libc::EBUSY as i64)),
+            |n| {
                 assert_eq!(n, "nf_conntrack");
                 vec!["xt_conntrack".into()]
-            })
-            .unwrap();
+            },
+            |_| true,
+        ))
+        .unwrap();
         // The holder was already gone when the exit was handled: the entry's view is used.
-        c.feed(&ev(module_kind::DELETE_ENTER, 10, "nf_conntrack", 0), |_| {
-            vec!["xt_state".into()]
-        });
-        let late = c
-            .feed(
-                &ev(module_kind::DELETE_EXIT, 10, "", -(libc::EAGAIN as i64)),
-                |_| vec![],
-            )
-            .unwrap();
+        c.feed(
+            &ev(module_kind::DELETE_ENTER, 10, "nf_conntrack", 0),
+            |_| vec!["xt_state".into()],
+            |_| true,
+        );
+        let late = one(c.feed(
+            &ev(module_kind::DELETE_EXIT, 10, "", -(libc::EAGAIN as i64)),
+            |_| vec![],
+            |_| true,
+        ))
+        .unwrap();
         assert_eq!(late.holders, vec!["xt_state".to_string()]);
         assert_eq!(ch.action, Action::UnloadFailed);
         assert_eq!(ch.errno, Some(libc::EBUSY));
@@ -317,14 +435,75 @@ mod tests {
     #[test]
     fn ignores_unrelated_modules_and_stray_exits() {
         let mut c = Correlator::default();
-        assert_eq!(c.feed(&ev(module_kind::LOAD, 1, "snd_hda_intel", 0), |_| vec![]), None);
-        assert!(
-            c.feed(&ev(module_kind::LOAD, 1, "nf_conntrack", 0), |_| vec![])
-                .is_some()
+        let none = |_: &str| vec![];
+        assert_eq!(
+            one(c.feed(&ev(module_kind::LOAD, 1, "snd_hda_intel", 0), none, |_| true)),
+            None
         );
-        assert_eq!(c.feed(&ev(module_kind::DELETE_EXIT, 5, "", 0), |_| vec![]), None);
-        c.feed(&ev(module_kind::DELETE_ENTER, 5, "btrfs", 0), |_| vec![]);
-        assert_eq!(c.feed(&ev(module_kind::DELETE_EXIT, 5, "", 0), |_| vec![]), None);
+        assert!(one(c.feed(&ev(module_kind::LOAD, 1, "nf_conntrack", 0), none, |_| true)).is_some());
+        assert_eq!(
+            one(c.feed(&ev(module_kind::DELETE_EXIT, 5, "", 0), none, |_| true)),
+            None
+        );
+        c.feed(&ev(module_kind::DELETE_ENTER, 5, "btrfs", 0), none, |_| true);
+        assert_eq!(
+            one(c.feed(&ev(module_kind::DELETE_EXIT, 5, "", 0), none, |_| true)),
+            None
+        );
+    }
+
+    #[test]
+    fn kmod_refusal_is_an_unload_failure_naming_the_holder() {
+        let mut c = Correlator::default();
+        let holders = |_: &str| vec!["nf_conntrack_ipv6".to_string()];
+        // ev() puts `modprobe -r nf_conntrack` in argv.
+        assert!(
+            c.feed(&ev(module_kind::TOOL_EXEC, 20, "", 0), holders, |_| true)
+                .is_empty()
+        );
+        let ch = one(c.feed(&ev(module_kind::TOOL_EXIT, 20, "", 1), holders, |_| true)).unwrap();
+        assert_eq!(ch.action, Action::UnloadFailed);
+        assert_eq!(
+            (ch.name.as_str(), ch.errno, ch.tool_status),
+            ("nf_conntrack", None, Some(1))
+        );
+        assert_eq!(ch.holders, vec!["nf_conntrack_ipv6".to_string()]);
+        // Success, or a tool that asked the kernel (its answer was reported), adds nothing.
+        c.feed(&ev(module_kind::TOOL_EXEC, 21, "", 0), holders, |_| true);
+        assert!(
+            c.feed(&ev(module_kind::TOOL_EXIT, 21, "", 0), holders, |_| true)
+                .is_empty()
+        );
+        c.feed(&ev(module_kind::TOOL_EXEC, 22, "", 0), holders, |_| true);
+        c.feed(&ev(module_kind::DELETE_ENTER, 22, "nf_conntrack", 0), holders, |_| true);
+        c.feed(
+            &ev(module_kind::DELETE_EXIT, 22, "", -(libc::EBUSY as i64)),
+            holders,
+            |_| true,
+        );
+        assert!(
+            c.feed(&ev(module_kind::TOOL_EXIT, 22, "", 1), holders, |_| true)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn reads_removal_command_lines() {
+        let argv = |s: &str| s.split(' ').map(String::from).collect::<Vec<_>>();
+        assert_eq!(
+            removal_targets(&argv("/sbin/modprobe -r nf_conntrack")),
+            vec!["nf_conntrack"]
+        );
+        assert_eq!(
+            removal_targets(&argv("modprobe -rv xt-state nf_conntrack")),
+            vec!["xt_state", "nf_conntrack"]
+        );
+        assert_eq!(removal_targets(&argv("rmmod nf_conntrack")), vec!["nf_conntrack"]);
+        assert_eq!(
+            removal_targets(&argv("modprobe -C /etc/x.conf --remove nf_nat")),
+            vec!["nf_nat"]
+        );
+        assert!(removal_targets(&argv("modprobe nf_conntrack hashsize=1")).is_empty());
     }
 
     #[test]

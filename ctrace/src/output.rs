@@ -148,7 +148,11 @@ impl Output {
             Action::UnloadFailed => format!(
                 "MODULE {} unload failed ({}){} - requested by {who}",
                 c.name,
-                c.errno.map(errno_name).unwrap_or_default(),
+                match (c.errno, c.tool_status) {
+                    (Some(e), _) => errno_name(e),
+                    (None, Some(st)) => format!("refused by {} itself, exit status {st}: in use", c.actor.comm),
+                    (None, None) => "unknown reason".to_owned(),
+                },
                 if c.holders.is_empty() {
                     String::new()
                 } else {
@@ -161,9 +165,13 @@ impl Output {
         m.insert("ts".into(), json!(rfc3339(ts)));
         m.insert("action".into(), json!(c.action.name()));
         m.insert("name".into(), json!(c.name));
-        if let Some(e) = c.errno {
-            m.insert("errno".into(), json!(e));
+        if c.action == Action::UnloadFailed {
+            m.insert("errno".into(), json!(c.errno));
             m.insert("holders".into(), json!(c.holders));
+            if let Some(st) = c.tool_status {
+                m.insert("refused_by_tool".into(), json!(true));
+                m.insert("exit_status".into(), json!(st));
+            }
         }
         m.insert("pid".into(), json!(c.actor.pid));
         m.insert("uid".into(), json!(c.actor.uid));

@@ -182,15 +182,12 @@ impl Session {
         let Some(raw) = modules::parse_record(bytes) else {
             return;
         };
-        let Some(change) = self.modules.feed(&raw, modules::holders) else {
-            return;
-        };
-        log::debug!(
-            "module event {:?} {} handled {} ms after it happened",
-            change.action,
-            change.name,
-            (Clock::now().mono_ns - change.ts_ns as i128) / 1_000_000
-        );
+        for change in self.modules.feed(&raw, modules::holders, modules::is_loaded) {
+            self.handle_module_change(change);
+        }
+    }
+
+    fn handle_module_change(&mut self, change: modules::ModuleChange) {
         self.out.module(self.clock.wall(change.ts_ns), &change);
         if change.name == "nf_conntrack" {
             match change.action {

@@ -31,7 +31,7 @@ const STOP_TIMEOUT_S: u32 = 60;
 /// service script's `modprobe -r` behaves as on RHEL (busybox's modprobe differs: it tries to unload dependencies
 /// that are still in use, and fails).
 const KMOD: &str = "/usr/bin/kmod";
-const GUEST_KMOD_DIR: &str = "/usr/local/sbin";
+pub(crate) const GUEST_KMOD_DIR: &str = "/usr/local/sbin";
 
 /// Boots a guest with `kernel` ("5.10", "6.1" or "6.12"), runs the demo and prints ctrace's output.
 pub fn run(ws: &Path, kernel: &str) -> Result<()> {
@@ -96,7 +96,7 @@ pub fn run(ws: &Path, kernel: &str) -> Result<()> {
 
 /// The host's kmod as the guest's `modprobe` and `lsmod` in /usr/local/sbin, with the shared libraries it loads. The
 /// guest calls them by path: busybox sh prefers its own applets of the same names to anything on PATH.
-fn kmod_files() -> Result<Vec<(PathBuf, String)>> {
+pub(crate) fn kmod_files() -> Result<Vec<(PathBuf, String)>> {
     ensure!(
         Path::new(KMOD).is_file(),
         "{KMOD} does not exist: install the Debian package kmod"

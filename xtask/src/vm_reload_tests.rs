@@ -106,6 +106,12 @@ pub(crate) fn guest_files(ws: &Path) -> Result<Vec<(PathBuf, String)>> {
     let testkit = build_testkit(ws)?;
     let mut files = vec![(ctrace, GUEST_CTRACE.to_string()), (testkit, GUEST_TESTKIT.to_string())];
     files.extend(iptables_files()?);
+    // kmod's modprobe, which refuses to unload a module in use without asking the kernel.
+    for f in crate::demo_vm::kmod_files()? {
+        if !files.iter().any(|(_, guest)| *guest == f.1) {
+            files.push(f);
+        }
+    }
     Ok(files)
 }
 
@@ -306,6 +312,9 @@ sleep 2
 mark b.holders "$(ls /sys/module/nf_conntrack/holders | tr '\n' ' ')"
 $MODPROBE -r nf_conntrack
 mark b.unload.rc "$?"
+# kmod's modprobe checks the holders itself and never calls delete_module.
+@KMOD_DIR@/modprobe -r nf_conntrack 2>/dev/null
+mark b.kmod.rc "$?"
 mark b.live "$(cat /sys/module/nf_conntrack/initstate 2>/dev/null)"
 mark b.after.max "$(cat $MAXF)"
 sleep 2
@@ -369,6 +378,7 @@ exit 0
 "#;
     SCRIPT
         .replace("@MARK@", MARK)
+        .replace("@KMOD_DIR@", crate::demo_vm::GUEST_KMOD_DIR)
         .replace("@TESTKIT@", GUEST_TESTKIT)
         .replace("@CTRACE@", GUEST_CTRACE)
         .replace("@MAX_KEY@", MAX_KEY)
@@ -938,10 +948,33 @@ fn case_b(g: &Guest, t: &mut TestResult) -> Result<()> {
     t.check(g.value("b.after.max")? == RAISED_MAX.to_string(), || {
         "nf_conntrack_max changed although the module stayed".to_string()
     });
-    let failed = module_events(&events, "unload_failed", "nf_conntrack");
-    t.check(failed.len() == 1, || {
-        format!("{} unload_failed events for nf_conntrack, expected one", failed.len())
+    let all_failed = module_events(&events, "unload_failed", "nf_conntrack");
+    let (by_kmod, failed): (Vec<_>, Vec<_>) = all_failed.into_iter().partition(|f| f["refused_by_tool"] == true);
+    t.check(failed.len() == 1 && by_kmod.len() == 1, || {
+        format!(
+            "{} unload_failed events from the kernel and {} from kmod for nf_conntrack, expected one each",
+            failed.len(),
+            by_kmod.len()
+        )
     });
+    let kmod_rc = g.number("b.kmod.rc")?;
+    t.check(kmod_rc != 0, || {
+        format!("kmod's modprobe -r exited {kmod_rc}: it should have refused")
+    });
+    if let Some(f) = by_kmod.first() {
+        let holders: Vec<String> = f["holders"]
+            .as_array()
+            .map(|h| h.iter().map(text).collect())
+            .unwrap_or_default();
+        t.check(
+            holders.iter().any(|h| h == "xt_conntrack") && f["comm"] == "modprobe",
+            || format!("kmod's refusal does not name modprobe and xt_conntrack: {f}"),
+        );
+        t.facts.push(format!(
+            "kmod refused with exit status {} holders {holders:?}",
+            f["exit_status"]
+        ));
+    }
     if let Some(f) = failed.first() {
         let errno = f["errno"].as_i64();
         let holders: Vec<String> = f["holders"]
@@ -1348,6 +1381,7 @@ mod tests {
         out += &[
             "end e.json",
             "b.unload.rc 1",
+            "b.kmod.rc 1",
             "b.live live",
             "b.after.max 1048576",
             "b.exit 0",
@@ -1359,6 +1393,12 @@ mod tests {
             "unload_failed",
             3,
             &format!(r#","errno":{errno},"holders":["xt_conntrack"]"#),
+        );
+        out += "\n";
+        out += &module(
+            "unload_failed",
+            3,
+            r#","errno":null,"holders":["xt_conntrack"],"refused_by_tool":true,"exit_status":1"#,
         );
         out += &format!("\n{summary}\n");
         out += &[

@@ -5,7 +5,12 @@
 //! - tracepoints `syscalls:sys_{enter,exit}_delete_module`: the request (`name_user`) and its
 //!   answer (0, or -EBUSY when another module or a user still holds it).
 //!
-//! All of these fire only when modules change: they cost nothing on the packet path.
+//! - tp_btf `sched_process_exec` / `sched_process_exit`, for `modprobe` and `rmmod` only: kmod
+//!   refuses to unload a module that is in use without calling delete_module, so the tool's
+//!   argv and exit status are the only trace of a refused unload.
+//!
+//! The module and syscall hooks fire only when modules change; the exec/exit hooks fire for every
+//! process but only compare its name: nothing of this is on the packet path.
 
 use aya_ebpf::{
     helpers::{
@@ -13,7 +18,7 @@ use aya_ebpf::{
         bpf_probe_read_kernel_buf, bpf_probe_read_user_buf, bpf_probe_read_user_str_bytes,
     },
     macros::{btf_tracepoint, map, tracepoint},
-    maps::RingBuf,
+    maps::{LruHashMap, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
 };
 use ctrace_common::{CMDLINE_LEN, ModuleEvent, module_kind};
@@ -23,6 +28,10 @@ use crate::globals::module_layout;
 /// Module events for userspace (rare: a few per modprobe).
 #[map]
 pub static MODULE_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 16, 0);
+
+/// tgid of running modprobe/rmmod processes.
+#[map]
+static TOOLS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(1024, 0);
 
 #[inline(always)]
 unsafe fn read_ptr(addr: u64) -> u64 {
@@ -112,5 +121,42 @@ pub fn module_delete_enter(ctx: TracePointContext) -> u32 {
 pub fn module_delete_exit(ctx: TracePointContext) -> u32 {
     let ret: i64 = unsafe { ctx.read_at(module_layout!(delete_exit_ret) as usize).unwrap_or(0) };
     submit(module_kind::DELETE_EXIT, |ev| ev.ret = ret);
+    0
+}
+
+/// Whether the current task is `modprobe` or `rmmod` (comm is the executable's base name).
+#[inline(always)]
+fn is_module_tool() -> bool {
+    let Ok(comm) = aya_ebpf::helpers::bpf_get_current_comm() else {
+        return false;
+    };
+    let word = u64::from_le_bytes([comm[0], comm[1], comm[2], comm[3], comm[4], comm[5], comm[6], comm[7]]);
+    (word == u64::from_le_bytes(*b"modprobe") && comm[8] == 0)
+        || (word & 0xffff_ffff_ffff == u64::from_le_bytes(*b"rmmod\0\0\0"))
+}
+
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn module_tool_exec(_ctx: BtfTracePointContext) -> i32 {
+    if is_module_tool() {
+        let tgid = (aya_ebpf::helpers::bpf_get_current_pid_tgid() >> 32) as u32;
+        let _ = TOOLS.insert(tgid, 1, 0);
+        submit(module_kind::TOOL_EXEC, |_| {});
+    }
+    0
+}
+
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn module_tool_exit(ctx: BtfTracePointContext) -> i32 {
+    let id = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
+    // The process ends with its thread-group leader; tools are single-threaded anyway.
+    if tgid != tid || unsafe { TOOLS.get(tgid) }.is_none() {
+        return 0;
+    }
+    let _ = TOOLS.remove(tgid);
+    let task: u64 = ctx.arg(0);
+    let code: i32 =
+        unsafe { bpf_probe_read_kernel((task + module_layout!(task_exit_code) as u64) as *const i32).unwrap_or(0) };
+    submit(module_kind::TOOL_EXIT, |ev| ev.ret = ((code >> 8) & 0xff) as i64);
     0
 }
