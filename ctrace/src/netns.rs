@@ -94,6 +94,14 @@ impl Registry {
         self.known = known;
     }
 
+    /// A path that enters `netns` (its bind mount, or a task inside it).
+    pub fn ns_path(&self, netns: u32) -> Option<PathBuf> {
+        match self.known.get(&netns)?.handle.as_ref()? {
+            Handle::Named(p) => Some(p.clone()),
+            Handle::Task { pid, tid } => Some(PathBuf::from(format!("/proc/{pid}/task/{tid}/ns/net"))),
+        }
+    }
+
     pub fn name(&self, netns: u32) -> Option<String> {
         self.known.get(&netns).and_then(|i| i.name.clone())
     }
@@ -126,19 +134,25 @@ impl Registry {
     }
 }
 
-/// Reads `file` from inside the netns at `ns_path`, on a short-lived thread that enters it
-/// (setns affects only the calling thread, and the thread's netns dies with it).
-pub fn read_in_netns(ns_path: &Path, file: &str) -> anyhow::Result<String> {
+/// Runs `f` inside the netns at `ns_path`, on a short-lived thread that enters it (setns affects
+/// only the calling thread, and the thread's netns goes with it). /proc/sys and /proc/thread-self/net
+/// then show that netns.
+pub fn in_netns<T: Send + 'static>(ns_path: &Path, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
     let ns_path = ns_path.to_owned();
-    let file = file.to_owned();
-    std::thread::spawn(move || -> anyhow::Result<String> {
-        let f = fs::File::open(&ns_path).with_context(|| format!("cannot open {}", ns_path.display()))?;
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+    std::thread::spawn(move || -> anyhow::Result<T> {
+        let file = fs::File::open(&ns_path).with_context(|| format!("cannot open {}", ns_path.display()))?;
+        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
             .with_context(|| format!("cannot enter netns {}", ns_path.display()))?;
-        Ok(fs::read_to_string(&file)?)
+        Ok(f())
     })
     .join()
-    .map_err(|_| anyhow::anyhow!("netns reader thread panicked"))?
+    .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+}
+
+/// Reads `file` from inside the netns at `ns_path`.
+pub fn read_in_netns(ns_path: &Path, file: &str) -> anyhow::Result<String> {
+    let file = file.to_owned();
+    in_netns(ns_path, move || fs::read_to_string(&file))?.map_err(Into::into)
 }
 
 /// Global `nf_conntrack_max` (it is not per netns; read it from the initial netns's view).

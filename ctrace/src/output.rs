@@ -189,8 +189,9 @@ impl Output {
             None => "",
         };
         let text = format!(
-            "SYSCTL RESET by the nf_conntrack reload: {} was {}, is now {}{}; {}. Fix: {}",
+            "SYSCTL RESET by the nf_conntrack reload: {}{} was {}, is now {}{}; {}. Fix: {}",
             r.change.key,
+            r.netns.map(|n| format!(" in netns {n}")).unwrap_or_default(),
             r.change.before,
             r.change.after,
             default,
@@ -204,6 +205,9 @@ impl Output {
         m.insert("event".into(), json!("sysctl_reset"));
         m.insert("ts".into(), json!(rfc3339(ts)));
         m.insert("key".into(), json!(r.change.key));
+        if let Some(n) = r.netns {
+            m.insert("netns".into(), json!(n));
+        }
         m.insert("before".into(), json!(r.change.before));
         m.insert("after".into(), json!(r.change.after));
         m.insert("default".into(), json!(r.default));

@@ -119,6 +119,10 @@ struct Session {
     reload_pending: Option<Instant>,
     /// The conntrack sysctls while nf_conntrack was last live (kernels with modules only).
     sysctls: Option<sysctl_state::Snapshot>,
+    /// Per-netns keys of the other network namespaces, by inode (refreshed every few seconds).
+    netns_sysctls: BTreeMap<u32, sysctl_state::Snapshot>,
+    /// ctrace's own netns (its keys are in `sysctls`).
+    own_netns: u32,
     /// nf_conntrack is gone: keep `sysctls` as the "before" of the next load.
     sysctls_frozen: bool,
     /// A sysctl write was seen: refresh the snapshot soon.
@@ -240,6 +244,20 @@ impl Session {
             }
             *before = after;
             self.sysctls_frozen = false;
+            let others = std::mem::take(&mut self.netns_sysctls);
+            for (netns, before) in others {
+                let Some(path) = self.registry.ns_path(netns) else {
+                    continue;
+                };
+                let Ok(after) = netns::in_netns(&path, sysctl_state::Snapshot::read) else {
+                    continue;
+                };
+                let label = self.registry.name(netns).unwrap_or_else(|| netns.to_string());
+                for r in sysctl_state::netns_resets(netns, &label, &before, &after) {
+                    self.out.sysctl_reset(now, &r);
+                }
+                self.netns_sysctls.insert(netns, after.per_netns_only());
+            }
         }
         match tracer.reattach_conntrack() {
             Ok(probes) => self.out.reattached(OffsetDateTime::now_utc(), "nf_conntrack", &probes),
@@ -264,8 +282,38 @@ impl Session {
             return;
         }
         let now = sysctl_state::Snapshot::read();
-        if now.get("net.netfilter.nf_conntrack_max").is_some() && live() {
+        if now.is_complete() && live() {
             self.sysctls = Some(now);
+        }
+    }
+
+    /// The same for the other network namespaces (a thread enters each; bounded per call).
+    fn refresh_netns_sysctls(&mut self) {
+        const MAX_NETNS: usize = 256;
+        if self.sysctls_frozen || self.reload_pending.is_some() || self.sysctls.is_none() {
+            return;
+        }
+        let live = || modules::is_live("nf_conntrack");
+        let ids: Vec<u32> = self
+            .registry
+            .known
+            .keys()
+            .copied()
+            .filter(|&n| n != self.own_netns && self.wanted(n))
+            .take(MAX_NETNS)
+            .collect();
+        self.netns_sysctls.retain(|n, _| ids.contains(n));
+        for n in ids {
+            if !live() {
+                return;
+            }
+            let Some(path) = self.registry.ns_path(n) else { continue };
+            if let Ok(snap) = netns::in_netns(&path, sysctl_state::Snapshot::read)
+                && snap.is_complete()
+                && live()
+            {
+                self.netns_sysctls.insert(n, snap.per_netns_only());
+            }
         }
     }
 
@@ -403,6 +451,8 @@ pub async fn run(args: RunArgs, out: Output, hooks: Hooks) -> anyhow::Result<Sum
         modules: modules::Correlator::default(),
         reload_pending: None,
         sysctls: modules::kernel_has_modules().then(sysctl_state::Snapshot::read),
+        netns_sysctls: BTreeMap::new(),
+        own_netns: netns::current_inode().unwrap_or(0),
         sysctls_frozen: false,
         sysctl_dirty: false,
     };
@@ -421,6 +471,7 @@ pub async fn run(args: RunArgs, out: Output, hooks: Hooks) -> anyhow::Result<Sum
             );
         }
     }
+    s.refresh_netns_sysctls();
     let baselines: HashMap<u32, CtStats> = s.watched.iter().map(|(n, w)| (*n, w.first.clone())).collect();
 
     let choice: Choice = probes::choose(args.mode)?;
@@ -562,6 +613,7 @@ carry no flow)",
                 s.steer_eviction_watch(&mut tracer);
                 if ticks.is_multiple_of(5) {
                     s.registry.rescan();
+                    s.refresh_netns_sysctls();
                 }
             }
             _ = sigint.recv() => break,
@@ -672,6 +724,8 @@ mod tests {
             modules: modules::Correlator::default(),
             reload_pending: None,
             sysctls: None,
+            netns_sysctls: BTreeMap::new(),
+            own_netns: 0,
             sysctls_frozen: false,
             sysctl_dirty: false,
         }

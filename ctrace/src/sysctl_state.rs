@@ -56,6 +56,29 @@ impl Snapshot {
     pub fn get(&self, key: &str) -> Option<&str> {
         self.values.get(key).map(String::as_str)
     }
+
+    /// Only the keys each netns has its own value of (timeouts, checksum, ...): the global ones
+    /// (max, buckets, expect_max, hashsize) are reported once, from the initial netns.
+    pub fn per_netns_only(mut self) -> Snapshot {
+        self.values.retain(|k, _| !is_global(k));
+        self
+    }
+
+    /// Whether a live module's sysctls were all there (an unload removes them one by one).
+    pub fn is_complete(&self) -> bool {
+        self.values
+            .contains_key("net.netfilter.nf_conntrack_tcp_timeout_established")
+    }
+}
+
+/// Keys with one value for the whole kernel (read-only mirrors in other netns).
+pub fn is_global(key: &str) -> bool {
+    matches!(
+        key,
+        "net.netfilter.nf_conntrack_max"
+            | "net.netfilter.nf_conntrack_buckets"
+            | "net.netfilter.nf_conntrack_expect_max"
+    ) || key == HASHSIZE_KEY
 }
 
 /// Multi-value sysctls print tab-separated; compare and report them with single spaces.
@@ -75,6 +98,8 @@ pub struct Change {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SysctlReset {
     pub change: Change,
+    /// The network namespace of a per-netns key in a netns other than ctrace's own.
+    pub netns: Option<u32>,
     /// Whether `after` is the kernel's own default on this machine (None: cannot tell).
     pub default: Option<bool>,
     pub persisted_in: Option<String>,
@@ -96,6 +121,7 @@ pub fn resets(before: &Snapshot, after: &Snapshot) -> Vec<SysctlReset> {
         .map(|change| {
             let persisted_in = persisted_in(&change.key);
             SysctlReset {
+                netns: None,
                 default: kernel
                     .as_ref()
                     .and_then(|k| is_default(&change.key, after, k, mem, hashsize_option)),
@@ -103,6 +129,30 @@ pub fn resets(before: &Snapshot, after: &Snapshot) -> Vec<SysctlReset> {
                 persisted_in,
                 change,
             }
+        })
+        .collect()
+}
+
+/// Resets of per-netns keys in another network namespace: sysctl.d applies to the initial netns
+/// only, so whatever created this netns has to set them again.
+pub fn netns_resets(netns: u32, label: &str, before: &Snapshot, after: &Snapshot) -> Vec<SysctlReset> {
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let kernel = KernelVersion::parse(&release);
+    diff(before, after)
+        .into_iter()
+        .filter(|c| !is_global(&c.key))
+        .map(|change| SysctlReset {
+            netns: Some(netns),
+            default: kernel.as_ref().and_then(|k| is_default(&change.key, after, k, 0, None)),
+            persisted_in: None,
+            fix: format!(
+                "sysctl.d only configures the initial netns: have whatever creates netns {label} set it again after \
+every nf_conntrack load (e.g. `nsenter --net=<netns> sysctl -w {}={}`), or keep nf_conntrack from unloading",
+                change.key, change.before
+            ),
+            change,
         })
         .collect()
 }
@@ -292,6 +342,33 @@ mod tests {
             is_default("net.netfilter.nf_conntrack_events", &after, &k61, mem_kb, None),
             None
         );
+    }
+
+    #[test]
+    fn other_netns_report_only_their_own_keys() {
+        let before = snap(&[
+            ("net.netfilter.nf_conntrack_max", "1048576"),
+            ("net.netfilter.nf_conntrack_tcp_timeout_established", "7200"),
+            ("net.netfilter.nf_conntrack_tcp_timeout_established_x", "1"),
+        ]);
+        let after = snap(&[
+            ("net.netfilter.nf_conntrack_max", "7680"),
+            ("net.netfilter.nf_conntrack_tcp_timeout_established", "432000"),
+            ("net.netfilter.nf_conntrack_tcp_timeout_established_x", "1"),
+        ]);
+        let r = netns_resets(4026532200, "blue", &before, &after);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].netns, Some(4026532200));
+        assert_eq!(r[0].change.key, "net.netfilter.nf_conntrack_tcp_timeout_established");
+        assert!(r[0].fix.contains("netns blue"));
+        assert!(
+            before
+                .clone()
+                .per_netns_only()
+                .get("net.netfilter.nf_conntrack_max")
+                .is_none()
+        );
+        assert!(before.is_complete());
     }
 
     #[test]

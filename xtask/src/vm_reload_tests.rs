@@ -42,6 +42,8 @@ const HASHSIZE_KEY: &str = "nf_conntrack.hashsize";
 /// The raised limit (the incident's value) and timeout.
 const RAISED_MAX: u64 = 1_048_576;
 const RAISED_TIMEOUT: u64 = 3600;
+/// The per-netns timeout set in another network namespace (case a).
+const NETNS_TIMEOUT: u64 = 7200;
 /// The kernel's compiled-in nf_conntrack_tcp_timeout_established (5 days), the same on every tested kernel.
 const DEFAULT_TIMEOUT: u64 = 432_000;
 /// The sysctl.d file case a writes, and the line that sets nf_conntrack_max in it.
@@ -325,6 +327,12 @@ ct_stop b
 # a: raised max (persisted in sysctl.d) and timeout, unload and reload while ctrace runs.
 firewall_off
 printf '# written by the ctrace reload VM test\n@MAX_KEY@ = @RAISED_MAX@\n' > @SYSCTL_FILE@
+# Another network namespace with its own value of a per-netns key: a reload resets it too.
+unshare -n sleep 600 &
+nspid=$!
+sleep 0.5
+nsenter -t "$nspid" -n sysctl -w @TIMEOUT_KEY@=@NETNS_TIMEOUT@ >/dev/null || ct_die a "could not set the timeout in a netns"
+mark a.netns "$(readlink /proc/$nspid/ns/net | tr -dc 0-9)"
 ct_start a text
 sysctl -w @MAX_KEY@=@RAISED_MAX@ >/dev/null || ct_die a "could not raise nf_conntrack_max"
 sysctl -w @TIMEOUT_KEY@=@RAISED_TIMEOUT@ >/dev/null || ct_die a "could not set the timeout"
@@ -335,6 +343,7 @@ mark a.after.max "$(cat $MAXF)"
 mark a.after.timeout "$(cat $TOF)"
 sleep 1
 ct_stop a
+kill "$nspid" 2>/dev/null
 
 # d: table-full drops before and after a reload.
 firewall_on
@@ -385,6 +394,7 @@ exit 0
         .replace("@TIMEOUT_KEY@", TIMEOUT_KEY)
         .replace("@RAISED_MAX@", &RAISED_MAX.to_string())
         .replace("@RAISED_TIMEOUT@", &RAISED_TIMEOUT.to_string())
+        .replace("@NETNS_TIMEOUT@", &NETNS_TIMEOUT.to_string())
         .replace("@SYSCTL_FILE@", SYSCTL_FILE)
         .replace("@HASHSIZE@", &HASHSIZE.to_string())
         .replace("@WRITTEN@", &WRITTEN_MAX.to_string())
@@ -864,7 +874,21 @@ fn case_a(g: &Guest, t: &mut TestResult) -> Result<()> {
     check_reload(g, "a", &events, t)?;
     let after_max = g.value("a.after.max")?;
     let after_timeout = g.value("a.after.timeout")?;
-    let resets = resets(&events);
+    let (netns_resets, resets): (Vec<&Value>, Vec<&Value>) =
+        resets(&events).into_iter().partition(|r| r.get("netns").is_some());
+    // The other netns: its own timeout, reset and reported with its inode; no global key twice.
+    let netns = g.number("a.netns")?;
+    t.check(
+        netns_resets.len() == 1
+            && netns_resets[0]["netns"] == netns
+            && netns_resets[0]["key"] == TIMEOUT_KEY
+            && netns_resets[0]["before"] == NETNS_TIMEOUT.to_string().as_str()
+            && netns_resets[0]["after"] == DEFAULT_TIMEOUT.to_string().as_str(),
+        || format!("expected one reset of {TIMEOUT_KEY} in netns {netns} from {NETNS_TIMEOUT}, got {netns_resets:?}"),
+    );
+    t.facts.push(format!(
+        "netns {netns}: timeout {NETNS_TIMEOUT} -> {DEFAULT_TIMEOUT} reported"
+    ));
     let keys: BTreeSet<String> = resets.iter().map(|r| text(&r["key"])).collect();
     let expected: BTreeSet<String> = [MAX_KEY, TIMEOUT_KEY].map(String::from).into();
     t.check(keys == expected && resets.len() == 2, || {
@@ -1403,6 +1427,7 @@ mod tests {
         out += &format!("\n{summary}\n");
         out += &[
             "end b.json",
+            "a.netns 4026532300",
             "a.unload.rc 0",
             "a.gone yes",
             "a.ctrace_alive yes",
@@ -1419,6 +1444,10 @@ mod tests {
             module("load", 4, ""),
             reset(MAX_KEY, "1048576", "7680", "\"/etc/sysctl.d/90-ct.conf:2\""),
             reset(TIMEOUT_KEY, "3600", "432000", "null"),
+            format!(
+                r#"{{"event":"sysctl_reset","ts":"{}","key":"{TIMEOUT_KEY}","netns":4026532300,"before":"7200","after":"432000","default":{reset_default},"persisted_in":null,"fix":"set it again"}}"#,
+                ts(5)
+            ),
             format!(
                 r#"{{"event":"reattached","ts":"{}","module":"nf_conntrack","probes":["a"]}}"#,
                 ts(6)
