@@ -283,7 +283,7 @@ mod tests {
         // The ring buffer record and the globals are an ABI between the two sides.
         assert_eq!(core::mem::size_of::<DropEvent>(), 168);
         assert_eq!(core::mem::size_of::<KernelLayout>(), 104);
-        assert_eq!(core::mem::size_of::<ModuleEvent>(), 264);
+        assert_eq!(core::mem::size_of::<ModuleEvent>(), 248);
         assert_eq!(core::mem::size_of::<ModuleLayout>(), 40);
         assert_eq!(core::mem::size_of::<SysctlEvent>(), 168);
     }
