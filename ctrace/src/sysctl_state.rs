@@ -243,9 +243,19 @@ pub fn fix(change: &Change, persisted_in: Option<&str>) -> String {
             change.before
         );
     }
-    let reapply = "make it re-apply on every load: in /etc/modprobe.d/nf_conntrack.conf add `install nf_conntrack \
-/sbin/modprobe --ignore-install nf_conntrack $CMDLINE_OPTS && /sbin/sysctl -q --system` (with the iptables \
-service, also add the key to IPTABLES_SYSCTL_LOAD_LIST)";
+    // The same remedy `ctrace check` prints for CT-PERSIST-LOST-ON-RELOAD (sysctl.d(5)'s advice).
+    let systemd_sysctl = if !Path::new("/usr/lib/systemd/systemd-sysctl").exists()
+        && Path::new("/lib/systemd/systemd-sysctl").exists()
+    {
+        "/lib/systemd/systemd-sysctl"
+    } else {
+        "/usr/lib/systemd/systemd-sysctl"
+    };
+    let reapply = format!(
+        "make it re-apply on every load: {} (with the iptables service, also name nf_conntrack in \
+IPTABLES_SYSCTL_LOAD_LIST)",
+        crate::check::persistence::udev_rule(systemd_sysctl)
+    );
     match persisted_in {
         Some(src) => format!("{src} sets it, but only at boot; {reapply}"),
         None => format!(

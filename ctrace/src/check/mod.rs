@@ -10,7 +10,7 @@ pub(crate) mod config;
 mod counters;
 pub(crate) mod facts;
 pub mod fsroot;
-mod persistence;
+pub(crate) mod persistence;
 mod reload_traps;
 mod report;
 mod sizing;

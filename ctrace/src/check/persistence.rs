@@ -33,9 +33,13 @@ fn default_of(key: &str, d: Option<&Defaults>) -> Option<u64> {
 /// The udev rule that re-applies the sysctl files whenever nf_conntrack is loaded (sysctl.d(5) recommends this
 /// for settings of modules).
 pub fn udev_fix(facts: &Facts) -> String {
+    udev_rule(facts.systemd_sysctl)
+}
+
+/// The same rule for a given systemd-sysctl binary (also used by `ctrace run`'s sysctl_reset fixes).
+pub fn udev_rule(systemd_sysctl: &str) -> String {
     format!(
-        "echo 'ACTION==\"add\", SUBSYSTEM==\"module\", KERNEL==\"nf_conntrack\", RUN+=\"{} --prefix=/net/netfilter --prefix=/net/nf_conntrack_max\"' > /etc/udev/rules.d/90-nf-conntrack-sysctl.rules",
-        facts.systemd_sysctl
+        "echo 'ACTION==\"add\", SUBSYSTEM==\"module\", KERNEL==\"nf_conntrack\", RUN+=\"{systemd_sysctl} --prefix=/net/netfilter --prefix=/net/nf_conntrack_max\"' > /etc/udev/rules.d/90-nf-conntrack-sysctl.rules"
     )
 }
 
