@@ -7,8 +7,9 @@
 //! in the order they happened, which the host prints when the guest is done.
 
 use crate::debian::{self, KernelSpec};
+use crate::guest::{GUEST_TESTKIT, marker_block, marker_values};
 use crate::vm::{self, VmRun};
-use crate::vm_reload_tests::{GUEST_CTRACE, GUEST_TESTKIT, marker_block, marker_values};
+use crate::vm_reload_tests::GUEST_CTRACE;
 use anyhow::{Context, Result, bail, ensure};
 use std::collections::BTreeSet;
 use std::io::IsTerminal;
@@ -74,7 +75,7 @@ pub fn run(ws: &Path, kernel: &str) -> Result<()> {
         spec.short_name(),
         values.get("kernel").map_or("?", String::as_str)
     );
-    for line in lines.iter().filter(|l| !crate::vm_reload_tests::is_kernel_message(l)) {
+    for line in lines.iter().filter(|l| !crate::guest::is_kernel_message(l)) {
         if highlight && line.contains(" >>> ") {
             println!("\x1b[1;33m{line}\x1b[0m");
         } else if highlight && line.starts_with("demo: ") {
@@ -103,7 +104,7 @@ pub(crate) fn kmod_files() -> Result<Vec<(PathBuf, String)>> {
     );
     let out = crate::setup::capture(Command::new("ldd").arg(KMOD))
         .with_context(|| format!("could not list the libraries of {KMOD}"))?;
-    let libraries: BTreeSet<String> = crate::vm_reload_tests::parse_ldd(&out)
+    let libraries: BTreeSet<String> = crate::guest::parse_ldd(&out)
         .with_context(|| format!("ldd {KMOD}: a library is missing"))?
         .into_iter()
         .collect();

@@ -7,6 +7,7 @@ mod build;
 mod debian;
 mod demo_vm;
 mod dist;
+mod guest;
 mod run;
 mod setup;
 mod test;
