@@ -537,32 +537,8 @@ carry no flow)",
                 None => std::future::pending::<()>().await,
             }
         };
-        let module_ready = async {
-            match module_events.as_mut() {
-                Some(fd) => fd.readable_mut().await.map(|mut g| {
-                    let mut records = vec![];
-                    while let Some(item) = g.get_inner_mut().next() {
-                        records.push(item.to_vec());
-                    }
-                    g.clear_ready();
-                    records
-                }),
-                None => std::future::pending().await,
-            }
-        };
-        let sysctl_ready = async {
-            match sysctl_events.as_mut() {
-                Some(fd) => fd.readable_mut().await.map(|mut g| {
-                    let mut records = vec![];
-                    while let Some(item) = g.get_inner_mut().next() {
-                        records.push(item.to_vec());
-                    }
-                    g.clear_ready();
-                    records
-                }),
-                None => std::future::pending().await,
-            }
-        };
+        let module_ready = ready_records(module_events.as_mut());
+        let sysctl_ready = ready_records(sysctl_events.as_mut());
         let sysctl_settle = async {
             if s.sysctl_dirty {
                 tokio::time::sleep(Duration::from_millis(50)).await
@@ -632,19 +608,11 @@ carry no flow)",
     let mut module_events = module_events.map(AsyncFd::into_inner);
     let mut sysctl_events = sysctl_events.map(AsyncFd::into_inner);
     drop(tracer);
-    if let Some(rb) = module_events.as_mut() {
-        while let Some(item) = rb.next() {
-            let bytes = item.to_vec();
-            drop(item);
-            s.handle_module_record(&bytes);
-        }
+    for r in module_events.as_mut().map(records).unwrap_or_default() {
+        s.handle_module_record(&r);
     }
-    if let Some(rb) = sysctl_events.as_mut() {
-        while let Some(item) = rb.next() {
-            let bytes = item.to_vec();
-            drop(item);
-            s.handle_sysctl_record(&bytes);
-        }
+    for r in sysctl_events.as_mut().map(records).unwrap_or_default() {
+        s.handle_sysctl_record(&r);
     }
     s.poll_counters();
     s.drain(&mut events);
@@ -698,6 +666,27 @@ carry no flow)",
     }
     s.out.summary(&summary);
     Ok(summary)
+}
+
+/// Copies out every record waiting in a ring buffer.
+fn records(rb: &mut RingBuf<MapData>) -> Vec<Vec<u8>> {
+    let mut out = vec![];
+    while let Some(item) = rb.next() {
+        out.push(item.to_vec());
+    }
+    out
+}
+
+/// Waits until the ring buffer has records and copies them out; never resolves without one (the
+/// kernel offers no such events).
+async fn ready_records(fd: Option<&mut AsyncFd<RingBuf<MapData>>>) -> std::io::Result<Vec<Vec<u8>>> {
+    let Some(fd) = fd else {
+        return std::future::pending().await;
+    };
+    let mut guard = fd.readable_mut().await?;
+    let out = records(guard.get_inner_mut());
+    guard.clear_ready();
+    Ok(out)
 }
 
 #[cfg(test)]
