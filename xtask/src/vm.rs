@@ -76,6 +76,8 @@ pub enum ExitReason {
     KernelTrouble { line: String },
     /// No result within the time limit; the guest was killed.
     Timeout { limit: Duration },
+    /// The kernel never reached `/init` (every boot attempt hung under emulation).
+    BootHang { limit: Duration, attempts: u32 },
     /// QEMU ended without the guest reporting a result.
     QemuExited { status: String, stderr: String },
 }
@@ -92,6 +94,11 @@ impl fmt::Display for ExitReason {
             ExitReason::Timeout { limit } => {
                 write!(f, "the guest did not finish within {}s", limit.as_secs())
             }
+            ExitReason::BootHang { limit, attempts } => write!(
+                f,
+                "the guest kernel did not reach /init within {}s, {attempts} boots in a row",
+                limit.as_secs()
+            ),
             ExitReason::QemuExited { status, stderr } => {
                 write!(f, "QEMU exited ({status}) before the guest reported a result")?;
                 if !stderr.trim().is_empty() {
@@ -161,9 +168,41 @@ const POWEROFF_GRACE: Duration = Duration::from_secs(20);
 const TROUBLE_GRACE: Duration = Duration::from_secs(5);
 const GUEST_SCRIPT: &str = "/vm/script.sh";
 
+/// A kernel that has not reached `/init` by then is stuck in emulation (boots take 3–12 s under TCG).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// Boots tried when the kernel gets stuck before `/init` (seen rarely under TCG: nothing after the BIOS).
+const BOOT_ATTEMPTS: u32 = 3;
+
 /// Boots the guest and waits for its result. Errors are problems on the host (QEMU missing, bad inputs); anything
-/// the guest does, including hanging or panicking, is an `Ok` outcome with `passed == false`.
+/// the guest does, including hanging or panicking, is an `Ok` outcome with `passed == false`. A boot that never
+/// reaches `/init` is an emulation hiccup, not a test result: it is tried again, up to `BOOT_ATTEMPTS` times.
 pub fn run(spec: &VmRun) -> Result<VmOutcome> {
+    let mut attempt = 1;
+    loop {
+        let outcome = run_once(spec)?;
+        if !matches!(outcome.exit_reason, ExitReason::BootHang { .. }) {
+            return Ok(outcome);
+        }
+        if attempt == BOOT_ATTEMPTS {
+            return Ok(VmOutcome {
+                exit_reason: ExitReason::BootHang {
+                    limit: BOOT_TIMEOUT,
+                    attempts: attempt,
+                },
+                ..outcome
+            });
+        }
+        eprintln!(
+            "vm: the guest kernel did not reach /init within {}s (boot {attempt} of {BOOT_ATTEMPTS}); booting again \
+(console: {})",
+            BOOT_TIMEOUT.as_secs(),
+            outcome.log_path.display()
+        );
+        attempt += 1;
+    }
+}
+
+fn run_once(spec: &VmRun) -> Result<VmOutcome> {
     crate::setup::ensure_debian_packages(&["qemu-system-x86", "busybox-static", "kmod", "cpio"])?;
     let qemu = which::which("qemu-system-x86_64")
         .map_err(|_| anyhow::anyhow!("qemu-system-x86_64 not found: run `cargo xtask setup`"))?;
@@ -206,6 +245,7 @@ pub fn run(spec: &VmRun) -> Result<VmOutcome> {
     let deadline = started + spec.timeout;
     let mut watch = Watch::new(&token);
     let mut timed_out = false;
+    let mut boot_hung = false;
     let status = loop {
         match lines.recv_timeout(Duration::from_millis(100)) {
             Ok(line) => watch.line(&line, started),
@@ -226,6 +266,10 @@ pub fn run(spec: &VmRun) -> Result<VmOutcome> {
             timed_out = true;
             break None;
         }
+        if watch.init_started.is_none() && now > started + BOOT_TIMEOUT.min(spec.timeout) {
+            boot_hung = true;
+            break None;
+        }
     };
     qemu.kill();
     let duration = started.elapsed();
@@ -242,6 +286,11 @@ pub fn run(spec: &VmRun) -> Result<VmOutcome> {
         result
     } else if timed_out {
         ExitReason::Timeout { limit: spec.timeout }
+    } else if boot_hung && watch.init_started.is_none() {
+        ExitReason::BootHang {
+            limit: BOOT_TIMEOUT,
+            attempts: 1,
+        }
     } else {
         let status = status.map_or_else(|| "killed".to_string(), |s: ExitStatus| s.to_string());
         ExitReason::QemuExited {
