@@ -230,3 +230,64 @@ pub(crate) fn key_values(line: &str) -> Result<BTreeMap<&str, &str>> {
         })
         .collect()
 }
+
+/// One named test of a guest run: the facts it saw and what went wrong.
+pub(crate) struct TestResult {
+    pub(crate) name: String,
+    pub(crate) facts: Vec<String>,
+    pub(crate) failures: Vec<String>,
+}
+
+impl TestResult {
+    pub(crate) fn new(name: &str) -> TestResult {
+        TestResult {
+            name: name.to_string(),
+            facts: Vec::new(),
+            failures: Vec::new(),
+        }
+    }
+
+    pub(crate) fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+
+    pub(crate) fn check(&mut self, ok: bool, failure: impl FnOnce() -> String) {
+        if !ok {
+            self.failures.push(failure());
+        }
+    }
+
+    /// `ctrace_value == kernel`, where the ctrace side is a JSON number.
+    pub(crate) fn check_equal(&mut self, what: &str, ctrace_value: &Value, kernel: u64, kernel_what: &str) {
+        self.check(ctrace_value.as_u64() == Some(kernel), || {
+            format!("{what} is {ctrace_value}, the kernel's {kernel_what} {kernel}")
+        });
+    }
+
+    pub(crate) fn line(&self) -> String {
+        let facts = self.facts.join(", ");
+        if self.passed() {
+            format!("{}: ok ({facts})", self.name)
+        } else {
+            format!("{}: FAILED: {} ({facts})", self.name, self.failures.join("; "))
+        }
+    }
+}
+
+/// Prints the plain `N passed, M failed` line CI reads; an error names the first failure and carries the consoles'
+/// ends (`tails`) of the failed guests.
+pub(crate) fn finish(suite: &str, results: &[TestResult], tails: &[String]) -> Result<()> {
+    let failed: Vec<&TestResult> = results.iter().filter(|t| !t.passed()).collect();
+    println!("{} passed, {} failed", results.len() - failed.len(), failed.len());
+    if let Some(first) = failed.first() {
+        anyhow::bail!(
+            "{} of {} {suite} failed; first: {}: {}\n{}",
+            failed.len(),
+            results.len(),
+            first.name,
+            first.failures.join("; "),
+            tails.join("\n")
+        );
+    }
+    Ok(())
+}

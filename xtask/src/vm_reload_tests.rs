@@ -16,10 +16,10 @@
 //! case and `N passed, M failed`.
 
 use crate::debian::{self, KernelSpec};
-use crate::guest::{Counters, key_values};
+use crate::guest::{Counters, TestResult, finish, key_values};
 use crate::guest::{GUEST_TESTKIT, TESTKIT, build_testkit, iptables_files, marker_block, marker_values, parse_events};
 use crate::vm::{self, VmOutcome, VmRun};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -82,19 +82,7 @@ pub fn run_all(ws: &Path) -> Result<()> {
         results.extend(tests);
     }
 
-    let failed: Vec<&TestResult> = results.iter().filter(|t| !t.passed()).collect();
-    println!("{} passed, {} failed", results.len() - failed.len(), failed.len());
-    if let Some(first) = failed.first() {
-        bail!(
-            "{} of {} reload VM tests failed; first: {}: {}\n{}",
-            failed.len(),
-            results.len(),
-            first.name,
-            first.failures.join("; "),
-            tails.join("\n")
-        );
-    }
-    Ok(())
+    finish("reload VM tests", &results, &tails)
 }
 
 /// The static ctrace and ctrace-testkit and the host's legacy iptables, as `(host path, guest path)` pairs.
@@ -499,43 +487,6 @@ impl Guest {
         let release = self.value("kernel")?;
         let version = kernel_version(release).with_context(|| format!("unreadable kernel release {release:?}"))?;
         Ok(version >= (6, 1))
-    }
-}
-
-/// One named test: what it saw and what went wrong.
-#[derive(Debug)]
-struct TestResult {
-    name: String,
-    facts: Vec<String>,
-    failures: Vec<String>,
-}
-
-impl TestResult {
-    fn new(name: &str) -> TestResult {
-        TestResult {
-            name: name.to_string(),
-            facts: Vec::new(),
-            failures: Vec::new(),
-        }
-    }
-
-    fn passed(&self) -> bool {
-        self.failures.is_empty()
-    }
-
-    fn check(&mut self, ok: bool, failure: impl FnOnce() -> String) {
-        if !ok {
-            self.failures.push(failure());
-        }
-    }
-
-    fn line(&self) -> String {
-        let facts = self.facts.join(", ");
-        if self.passed() {
-            format!("{}: ok ({facts})", self.name)
-        } else {
-            format!("{}: FAILED: {} ({facts})", self.name, self.failures.join("; "))
-        }
     }
 }
 

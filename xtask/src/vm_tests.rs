@@ -8,7 +8,7 @@
 //! with the kernel's counter deltas.
 
 use crate::debian::{self, KernelSpec};
-use crate::guest::Counters;
+use crate::guest::{Counters, TestResult, finish};
 use crate::guest::{GUEST_TESTKIT, TESTKIT, build_testkit, iptables_files, marker_block, marker_values, parse_events};
 use crate::vm::{self, VmOutcome, VmRun};
 use anyhow::{Context, Result, bail};
@@ -99,19 +99,7 @@ pub fn run_all(ws: &Path) -> Result<()> {
         results.extend(tests);
     }
 
-    let failed: Vec<&TestResult> = results.iter().filter(|t| !t.passed()).collect();
-    println!("{} passed, {} failed", results.len() - failed.len(), failed.len());
-    if let Some(first) = failed.first() {
-        bail!(
-            "{} of {} VM tests failed; first: {}: {}\n{}",
-            failed.len(),
-            results.len(),
-            first.name,
-            first.failures.join("; "),
-            tails.join("\n")
-        );
-    }
-    Ok(())
+    finish("VM tests", &results, &tails)
 }
 
 /// Boots one guest and evaluates what it printed. Errors are host problems (no kernel, no QEMU); the guest's own
@@ -378,50 +366,6 @@ impl GuestReport {
             ctrace_stderr,
             times,
         })
-    }
-}
-
-/// One named test: what it saw and what went wrong.
-#[derive(Debug)]
-struct TestResult {
-    name: &'static str,
-    facts: Vec<String>,
-    failures: Vec<String>,
-}
-
-impl TestResult {
-    fn new(name: &'static str) -> TestResult {
-        TestResult {
-            name,
-            facts: Vec::new(),
-            failures: Vec::new(),
-        }
-    }
-
-    fn passed(&self) -> bool {
-        self.failures.is_empty()
-    }
-
-    fn check(&mut self, ok: bool, failure: impl FnOnce() -> String) {
-        if !ok {
-            self.failures.push(failure());
-        }
-    }
-
-    /// `ctrace_value == kernel`, where the ctrace side is a JSON number.
-    fn check_equal(&mut self, what: &str, ctrace_value: &Value, kernel: u64, kernel_what: &str) {
-        self.check(ctrace_value.as_u64() == Some(kernel), || {
-            format!("{what} is {ctrace_value}, the kernel's {kernel_what} {kernel}")
-        });
-    }
-
-    fn line(&self) -> String {
-        let facts = self.facts.join(", ");
-        if self.passed() {
-            format!("{}: ok ({facts})", self.name)
-        } else {
-            format!("{}: FAILED: {} ({facts})", self.name, self.failures.join("; "))
-        }
     }
 }
 
@@ -839,7 +783,7 @@ mod tests {
         let good = GuestReport::parse(&report(2)).unwrap();
         assert_eq!(good.times["attached"], 9.5);
         let tests = evaluate(&case, &good);
-        let names: Vec<&str> = tests.iter().map(|t| t.name).collect();
+        let names: Vec<&str> = tests.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["table_full", "early_drop", "invalid", "session"]);
         for t in &tests {
             assert!(t.passed(), "{}", t.line());
