@@ -13,8 +13,14 @@ pub fn wants_netns(netns: u32) -> bool {
 
 #[inline(always)]
 pub fn wants_reason(reason: Reason) -> bool {
+    wants_any_reason(1 << reason as u32)
+}
+
+/// `possible`: bit `1 << reason` for each reason a drop may have (more than one when uncertain).
+#[inline(always)]
+pub fn wants_any_reason(possible: u32) -> bool {
     let mask = filter_reasons();
-    mask == 0 || mask & (1 << reason as u32) != 0
+    mask == 0 || mask & possible != 0
 }
 
 #[inline(always)]

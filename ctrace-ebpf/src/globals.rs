@@ -24,6 +24,8 @@ pub(crate) static LAYOUT: KernelLayout = KernelLayout {
     stat_insert_failed: 0,
     stat_drop: 0,
     stat_early_drop: 0,
+    stat_error: 0,
+    net_cookie: 0,
     reason_netfilter_drop: u32::MAX,
     bpf_array_pptrs: 0,
     ct_tuple: 0,
@@ -98,6 +100,15 @@ static KPROBE_MODE: u32 = 0;
 static L4PROTO_LOG_INVALID_FMT: u32 = 3;
 #[unsafe(no_mangle)]
 static CT_L4PROTO_LOG_INVALID_FMT: u32 = 3;
+
+/// Non-zero on kernels that count resolved clashes as insert_failed without dropping (before 5.10).
+#[unsafe(no_mangle)]
+static INSERT_FAILED_NOISY: u32 = 0;
+
+#[inline(always)]
+pub fn insert_failed_noisy() -> bool {
+    read_const(&raw const INSERT_FAILED_NOISY) != 0
+}
 
 #[inline(always)]
 pub fn kprobe_mode() -> bool {

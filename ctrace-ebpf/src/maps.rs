@@ -2,36 +2,36 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use ctrace_common::{CtStat, NetnsReasonKey, Reason};
+use ctrace_common::{Baseline, NetnsReasonKey, Reason, UNCERTAIN_BIT, losses, totals_index};
 
-/// Per-event records for userspace. When it is full the event is counted in `LOST`, never silently dropped.
+/// Per-event records for userspace. When it is full the event is counted in `LOSSES`, never silently dropped.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
-/// Exact totals per reason (index = `Reason as u32`), kept whether or not the event reached userspace.
+/// Exact totals per reason, split by exactness (index = `totals_index(reason, uncertain)`), kept whether or
+/// not the event reached userspace.
 #[map]
-pub static REASON_TOTALS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT as u32, 0);
+pub static REASON_TOTALS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * Reason::COUNT as u32, 0);
 
-/// Exact totals per (netns, reason).
+/// Exact totals per (netns, reason | UNCERTAIN_BIT when uncertain).
 #[map]
 pub static NETNS_TOTALS: PerCpuHashMap<NetnsReasonKey, u64> = PerCpuHashMap::with_max_entries(4096, 0);
 
-/// Counters of what could not be recorded: index 0 = ring buffer full (events lost),
-/// 1 = NETNS_TOTALS full (per-netns split lost; REASON_TOTALS still exact),
-/// 2 = BASELINE full (attribution fell back to "no baseline").
+/// What could not be recorded or decided, by `ctrace_common::losses` index.
 #[map]
-pub static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(4, 0);
-pub const LOST_EVENTS: u32 = 0;
-pub const LOST_NETNS_SPLIT: u32 = 1;
-pub const LOST_BASELINE: u32 = 2;
+pub static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(losses::COUNT, 0);
 
-/// Last-seen conntrack counters of each netns, one value per CPU (a per-CPU hash: lookups
-/// return this CPU's slot). Seeded by the loader for netns that existed before start; a netns
-/// created later starts at 0, exactly like the kernel's own counters.
+/// Last-seen conntrack counters of each netns (by inode), one slot per CPU. Bounded: least recently used
+/// netns (typically ones that are gone) make room; a lookup that then misses is counted as NO_BASELINE.
+/// Inode numbers are reused, so each slot also holds the netns's generation (cookie or `struct net`).
 #[map]
-pub static BASELINE: PerCpuHashMap<u32, CtStat> = PerCpuHashMap::with_max_entries(4096, 0);
+pub static BASELINE: LruPerCpuHashMap<u32, Baseline> = LruPerCpuHashMap::with_max_entries(16384, 0);
+
+/// Per-CPU scratch space for one read of a netns's conntrack counters (struct ip_conntrack_stat).
+#[map]
+pub static STAT_SCRATCH: PerCpuArray<[u32; 12]> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn bump(map: &PerCpuArray<u64>, index: u32) {
@@ -42,17 +42,23 @@ pub fn bump(map: &PerCpuArray<u64>, index: u32) {
 }
 
 #[inline(always)]
-pub fn bump_netns(netns: u32, reason: Reason) {
+pub fn bump_loss(index: u32) {
+    bump(&LOSSES, index);
+}
+
+#[inline(always)]
+pub fn bump_totals(netns: u32, reason: Reason, uncertain: bool) {
+    bump(&REASON_TOTALS, totals_index(reason, uncertain));
     let key = NetnsReasonKey {
         netns,
-        reason: reason as u32,
+        reason: reason as u32 | if uncertain { UNCERTAIN_BIT } else { 0 },
     };
     match NETNS_TOTALS.get_ptr_mut(key) {
         // SAFETY: this CPU's slot of a per-CPU hash.
         Some(p) => unsafe { *p += 1 },
         None => {
             if NETNS_TOTALS.insert(key, 1u64, 0).is_err() {
-                bump(&LOSSES, LOST_NETNS_SPLIT);
+                bump_loss(losses::NETNS_SPLIT);
             }
         }
     }

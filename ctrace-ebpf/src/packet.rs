@@ -84,3 +84,81 @@ unsafe fn try_decode(skb: u64, ev: &mut DropEvent) -> Option<()> {
         Some(())
     }
 }
+
+/// A hash of the header fields that stay the same while a packet crosses the netfilter hooks (not the
+/// TTL, checksum or TOS, which forwarding and mangle rules change), plus the first 8 bytes of its
+/// transport header. skb addresses are reused as soon as a packet is freed: this tells the packet a
+/// kprobe judged from the next one in the same skb. 0 when the headers cannot be read.
+#[inline(always)]
+pub fn fingerprint(skb: u64) -> u64 {
+    unsafe { try_fingerprint(skb) }.unwrap_or(0)
+}
+
+#[inline(always)]
+fn mix(h: u64, v: u64) -> u64 {
+    (h ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29)
+}
+
+#[inline(always)]
+unsafe fn try_fingerprint(skb: u64) -> Option<u64> {
+    unsafe {
+        let head: u64 = read(skb + layout!(skb_head) as u64)?;
+        let nh_off: u16 = read(skb + layout!(skb_network_header) as u64)?;
+        if head == 0 || nh_off == u16::MAX {
+            return None;
+        }
+        let nh = head + nh_off as u64;
+        let first: u8 = read(nh)?;
+        let mut h: u64 = 0x51_7cc1_b727_220a;
+        let l4 = match first >> 4 {
+            4 => {
+                let ip: [u8; 20] = read(nh)?;
+                // tot_len, id, frag_off | protocol | saddr | daddr
+                h = mix(
+                    h,
+                    u64::from_ne_bytes([ip[2], ip[3], ip[4], ip[5], ip[6], ip[7], ip[9], 4]),
+                );
+                h = mix(
+                    h,
+                    u64::from_ne_bytes([ip[12], ip[13], ip[14], ip[15], ip[16], ip[17], ip[18], ip[19]]),
+                );
+                if (u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff) != 0 {
+                    return Some(h | 1);
+                }
+                nh + ((ip[0] & 0x0f) as u64) * 4
+            }
+            6 => {
+                let ip: [u8; 40] = read(nh)?;
+                // flow label, payload length, next header | saddr | daddr
+                h = mix(
+                    h,
+                    u64::from_ne_bytes([ip[1] & 0x0f, ip[2], ip[3], ip[4], ip[5], ip[6], 6, 0]),
+                );
+                let mut i = 8;
+                while i < 40 {
+                    h = mix(
+                        h,
+                        u64::from_ne_bytes([
+                            ip[i],
+                            ip[i + 1],
+                            ip[i + 2],
+                            ip[i + 3],
+                            ip[i + 4],
+                            ip[i + 5],
+                            ip[i + 6],
+                            ip[i + 7],
+                        ]),
+                    );
+                    i += 8;
+                }
+                nh + 40
+            }
+            _ => return None,
+        };
+        // Ports and sequence number (TCP), ports, length and checksum (UDP), type, code, id, sequence (ICMP).
+        if let Some(t) = read::<u64>(l4) {
+            h = mix(h, t);
+        }
+        Some(h | 1)
+    }
+}

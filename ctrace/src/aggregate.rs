@@ -10,6 +10,8 @@ use crate::event::Drop;
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct AggKey {
     pub reason: Reason,
+    /// The `possible` mask of uncertain drops (0 when the reason was exact): they aggregate apart.
+    pub uncertain: u8,
     pub netns: u32,
     pub proto: Option<u8>,
     pub dst: Option<IpAddr>,
@@ -73,6 +75,7 @@ impl RateLimiter {
         }
         let key = AggKey {
             reason: d.reason,
+            uncertain: if d.uncertain() { d.possible } else { 0 },
             netns: d.netns,
             proto: d.flow.as_ref().map(|f| f.proto),
             dst: d.flow.as_ref().map(|f| f.dst),
@@ -162,6 +165,8 @@ mod tests {
             new_baseline: false,
             detail: None,
             evicted: false,
+            attribution: ctrace_common::Attribution::Counters,
+            possible: 1 << ctrace_common::Reason::TableFull as u8,
         }
     }
 

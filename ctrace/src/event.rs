@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ctrace_common::{DropEvent, Reason, flags};
+use ctrace_common::{Attribution, DropEvent, Reason, flags};
 
 use crate::sanitize::kernel_str;
 
@@ -68,6 +68,32 @@ pub struct Drop {
     pub detail: Option<String>,
     /// Not a packet but a conntrack entry that early_drop evicted (kprobe mode).
     pub evicted: bool,
+    /// How `reason` was decided.
+    pub attribution: Attribution,
+    /// Bit `1 << reason` for every reason still possible (more than one when uncertain).
+    pub possible: u8,
+}
+
+impl Drop {
+    pub fn uncertain(&self) -> bool {
+        self.attribution == Attribution::Uncertain
+    }
+
+    /// The reasons the evidence leaves possible, `reason` first.
+    pub fn possible_reasons(&self) -> Vec<Reason> {
+        possible_reasons(self.reason, self.possible)
+    }
+}
+
+/// The reasons in a `possible` mask, `first` first.
+pub fn possible_reasons(first: Reason, mask: u8) -> Vec<Reason> {
+    let mut v = vec![first];
+    v.extend(
+        Reason::ALL
+            .into_iter()
+            .filter(|r| *r != first && mask & (1 << *r as u8) != 0),
+    );
+    v
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -120,6 +146,7 @@ pub fn parse_record(bytes: &[u8]) -> Result<DropEvent, BadRecord> {
 
 pub fn decode(ev: &DropEvent) -> Option<Drop> {
     let reason = Reason::from_u8(ev.reason)?;
+    let attribution = Attribution::from_u8(ev.attribution)?;
     let flow = if ev.flags & flags::HEADERS_OK != 0 {
         let (src, dst) = match ev.ip_version {
             4 => (
@@ -156,6 +183,8 @@ pub fn decode(ev: &DropEvent) -> Option<Drop> {
         new_baseline: ev.flags & flags::NEW_BASELINE != 0,
         detail: Some(kernel_str(&ev.detail)).filter(|s| !s.is_empty()),
         evicted: ev.flags & flags::EVICTED != 0,
+        attribution,
+        possible: ev.possible | 1 << reason as u8,
     })
 }
 
@@ -183,7 +212,23 @@ mod tests {
             saddr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             daddr: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             detail: [0; ctrace_common::DETAIL_LEN],
+            attribution: Attribution::Counters as u8,
+            possible: 1 << Reason::TableFull as u8,
+            _pad: [0; 6],
         }
+    }
+
+    #[test]
+    fn uncertain_drops_list_every_possible_reason_decided_one_first() {
+        let mut ev = raw();
+        ev.reason = Reason::Invalid as u8;
+        ev.attribution = Attribution::Uncertain as u8;
+        ev.possible = (1 << Reason::Invalid as u8) | (1 << Reason::NetfilterRule as u8);
+        let d = decode(&ev).unwrap();
+        assert!(d.uncertain());
+        assert_eq!(d.possible_reasons(), vec![Reason::Invalid, Reason::NetfilterRule]);
+        ev.attribution = 42;
+        assert!(decode(&ev).is_none(), "unknown attribution codes are rejected");
     }
 
     #[test]

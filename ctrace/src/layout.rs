@@ -52,6 +52,12 @@ pub fn resolve(btf: &Btf) -> anyhow::Result<(KernelLayout, DropMatch)> {
         stat_insert_failed: off("ip_conntrack_stat", "insert_failed")?,
         stat_drop: off("ip_conntrack_stat", "drop")?,
         stat_early_drop: off("ip_conntrack_stat", "early_drop")?,
+        stat_error: off("ip_conntrack_stat", "error")?,
+        // 5.14+ assign it when the netns is created; older kernels only on demand (then 0 when read).
+        // 6.18 keeps it as the namespace id in `ns_common` (the value SO_NETNS_COOKIE returns).
+        net_cookie: off("net", "net_cookie")
+            .or_else(|_| off("net", "ns.ns_id"))
+            .unwrap_or(0),
         reason_netfilter_drop: u32::MAX,
         bpf_array_pptrs: off("bpf_array", "pptrs")?,
         ct_tuple: 0,

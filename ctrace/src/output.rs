@@ -3,13 +3,13 @@
 
 use std::io::Write;
 
-use ctrace_common::Reason;
+use ctrace_common::{Attribution, Reason};
 use serde_json::{Value, json};
 use time::{OffsetDateTime, UtcOffset, format_description::well_known::Rfc3339};
 
 use crate::{
     aggregate::{AggKey, AggValue},
-    event::{Drop, Flow, has_ports, is_icmp, proto_name},
+    event::{Drop, Flow, has_ports, is_icmp, possible_reasons, proto_name},
     modules::{Action, ModuleChange, errno_name},
     summary::Summary,
     sysctl_state::SysctlReset,
@@ -27,7 +27,8 @@ pub struct DropContext {
 /// The columns of a text line (TIME and TABLE come from the caller).
 struct Row {
     netns: String,
-    reason: Reason,
+    /// The reason's name, with "?" when the evidence left another one possible.
+    reason: String,
     proto: String,
     src: String,
     dst: String,
@@ -92,6 +93,31 @@ fn flow_json(f: &Flow) -> serde_json::Map<String, Value> {
         m.insert("icmp_id".into(), json!(f.sport));
     }
     m
+}
+
+/// The reason column: the name, with "?" when uncertain.
+fn reason_label(reason: Reason, uncertain: bool) -> String {
+    if uncertain {
+        format!("{}?", reason.name())
+    } else {
+        reason.name().to_owned()
+    }
+}
+
+/// "invalid or netfilter_rule".
+fn alternatives(reasons: &[Reason]) -> String {
+    reasons.iter().map(|r| r.name()).collect::<Vec<_>>().join(" or ")
+}
+
+/// `attribution` and, when uncertain, `possible` of a drop record.
+fn attribution_json(m: &mut serde_json::Map<String, Value>, attribution: Attribution, possible: &[Reason]) {
+    m.insert("attribution".into(), json!(attribution.name()));
+    if attribution == Attribution::Uncertain {
+        m.insert(
+            "possible".into(),
+            json!(possible.iter().map(|r| r.name()).collect::<Vec<_>>()),
+        );
+    }
 }
 
 fn reasons_json(drops: &std::collections::BTreeMap<Reason, u64>) -> Value {
@@ -307,7 +333,7 @@ impl Output {
             t.second(),
             t.millisecond(),
             row.netns,
-            row.reason.name(),
+            row.reason,
             row.proto,
             row.src,
             row.dst,
@@ -346,14 +372,17 @@ impl Output {
                     .as_ref()
                     .map(|p| format!("{}[{}]", p.comm, p.pid))
                     .unwrap_or_else(|| "-".into());
-                let detail = match (&d.detail, d.evicted) {
+                let mut detail = match (&d.detail, d.evicted) {
                     (Some(s), _) => format!("  \"{s}\""),
                     (None, true) => "  (entry evicted to make room)".to_owned(),
                     (None, false) => String::new(),
                 };
+                if d.uncertain() {
+                    detail.push_str(&format!("  (uncertain: {})", alternatives(&d.possible_reasons())));
+                }
                 let row = Row {
                     netns: netns_label(d.netns, &ctx.netns_name),
-                    reason: d.reason,
+                    reason: reason_label(d.reason, d.uncertain()),
                     proto,
                     src,
                     dst,
@@ -378,6 +407,7 @@ impl Output {
                 if d.evicted {
                     m.insert("evicted".into(), json!(true));
                 }
+                attribution_json(&mut m, d.attribution, &d.possible_reasons());
                 m.insert("cpu".into(), json!(d.cpu));
                 Self::emit(out, Value::Object(m));
             }
@@ -396,7 +426,7 @@ impl Output {
             } => {
                 let row = Row {
                     netns: netns_label(netns, &ctx.netns_name),
-                    reason,
+                    reason: reason_label(reason, false),
                     proto: "*".into(),
                     src: format!("{count} entries evicted"),
                     dst: "(from kernel counters)".into(),
@@ -409,6 +439,7 @@ impl Output {
                 let mut m = drop_json(ts, reason, netns, ctx);
                 m.insert("count".into(), json!(count));
                 m.insert("source".into(), json!("counters"));
+                m.insert("attribution".into(), json!(Attribution::Counters.name()));
                 Self::emit(out, Value::Object(m));
             }
         }
@@ -430,14 +461,22 @@ impl Output {
                     (None, None) if v.others > 0 => format!("{} destinations", v.others),
                     _ => "?".into(),
                 };
+                let uncertain = key.uncertain != 0;
                 let row = Row {
                     netns: netns_label(key.netns, &ctx.netns_name),
-                    reason: key.reason,
+                    reason: reason_label(key.reason, uncertain),
                     proto: key.proto.map(proto_name).unwrap_or_else(|| "?".into()),
                     src: format!("x{} in 1s (aggregated)", v.count),
                     dst,
                     process: "-".into(),
-                    suffix: String::new(),
+                    suffix: if uncertain {
+                        format!(
+                            "  (uncertain: {})",
+                            alternatives(&possible_reasons(key.reason, key.uncertain))
+                        )
+                    } else {
+                        String::new()
+                    },
                 };
                 Self::text_row(out, header_done, ts.to_offset(*offset), row, ctx);
             }
@@ -459,6 +498,13 @@ impl Output {
                 }
                 m.insert("count".into(), json!(v.count));
                 m.insert("aggregated".into(), json!(true));
+                if key.uncertain != 0 {
+                    attribution_json(
+                        &mut m,
+                        Attribution::Uncertain,
+                        &possible_reasons(key.reason, key.uncertain),
+                    );
+                }
                 if v.others > 0 {
                     m.insert("other_destinations".into(), json!(v.others));
                 }
@@ -485,6 +531,7 @@ impl Output {
                             m.insert("name".into(), json!(name));
                         }
                         m.insert("drops".into(), reasons_json(&n.drops));
+                        m.insert("drops_uncertain".into(), reasons_json(&n.uncertain));
                         if let Some(k) = &n.kernel {
                             m.insert("kernel_counters".into(), json!(k));
                         }
@@ -522,7 +569,9 @@ impl Output {
                         "mode": s.mode,
                         "duration_s": (s.duration_s * 1000.0).round() / 1000.0,
                         "drops": reasons_json(&s.drops),
+                        "drops_uncertain": reasons_json(&s.uncertain),
                         "total": s.total(),
+                        "attribution": s.attribution,
                         "lost": s.lost,
                         "by_netns": netns,
                         "top_flows": flows,
@@ -554,11 +603,29 @@ pub fn summary_text(s: &Summary) -> String {
     let mut o = String::new();
     let _ = writeln!(o);
     let _ = writeln!(o, "=== ctrace summary ({} mode, {:.1}s) ===", s.mode, s.duration_s);
-    let _ = writeln!(o, "drops by reason (exact, counted in the kernel):");
+    let _ = writeln!(
+        o,
+        "drops by reason (exact totals, counted in the kernel; \"uncertain\": the evidence left another reason possible):"
+    );
     for r in Reason::ALL {
-        let _ = writeln!(o, "  {:<15} {}", r.name(), s.drops.get(&r).copied().unwrap_or(0));
+        let total = s.drops.get(&r).copied().unwrap_or(0);
+        let uncertain = s.uncertain.get(&r).copied().unwrap_or(0);
+        let split = if uncertain > 0 {
+            format!("  ({} certain, {uncertain} uncertain)", total - uncertain.min(total))
+        } else {
+            String::new()
+        };
+        let _ = writeln!(o, "  {:<15} {total}{split}", r.name());
     }
     let _ = writeln!(o, "  {:<15} {}", "total", s.total());
+    let a = &s.attribution;
+    if a.no_baseline + a.probe_disagreements + a.baseline_resets > 0 {
+        let _ = writeln!(
+            o,
+            "attribution fallbacks: {} drops without a counter baseline, {} probe verdicts contradicted by the counters, {} baselines restarted (reused netns inode or reload)",
+            a.no_baseline, a.probe_disagreements, a.baseline_resets
+        );
+    }
     if !s.netns.is_empty() {
         let _ = writeln!(o, "drops by netns:");
         for n in &s.netns {
@@ -566,7 +633,10 @@ pub fn summary_text(s: &Summary) -> String {
                 .drops
                 .iter()
                 .filter(|(_, c)| **c > 0)
-                .map(|(r, c)| format!("{}={c}", r.name()))
+                .map(|(r, c)| match n.uncertain.get(r).copied().unwrap_or(0) {
+                    0 => format!("{}={c}", r.name()),
+                    u => format!("{}={c} ({u} uncertain)", r.name()),
+                })
                 .collect();
             let kernel = n
                 .kernel
@@ -671,6 +741,8 @@ mod tests {
             new_baseline: false,
             detail: None,
             evicted: false,
+            attribution: ctrace_common::Attribution::Counters,
+            possible: 1 << ctrace_common::Reason::TableFull as u8,
         }
     }
 

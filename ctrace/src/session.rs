@@ -604,6 +604,7 @@ carry no flow)",
     let per_netns = tracer.netns_totals()?;
     let lost = tracer.lost_events()?;
     let lost_split = tracer.lost_netns_split()?;
+    let attribution = tracer.attribution_stats()?;
     let mut events = events.into_inner();
     let mut module_events = module_events.map(AsyncFd::into_inner);
     let mut sysctl_events = sysctl_events.map(AsyncFd::into_inner);
@@ -626,14 +627,18 @@ carry no flow)",
         top_flows: s.tally.top_flows(),
         top_dports: s.tally.top_dports(),
         untracked: s.tally.untracked,
+        attribution,
         ..Default::default()
     };
     for (r, c) in &totals {
-        summary.drops.insert(*r, *c);
+        summary.drops.insert(*r, c.total());
+        summary.uncertain.insert(*r, c.uncertain);
     }
     let mut by_netns: BTreeMap<u32, NetnsSummary> = BTreeMap::new();
     for ((n, r), c) in per_netns {
-        by_netns.entry(n).or_default().drops.insert(r, c);
+        let ns = by_netns.entry(n).or_default();
+        ns.drops.insert(r, c.total());
+        ns.uncertain.insert(r, c.uncertain);
     }
     let mut early_total = 0;
     for (n, w) in &s.watched {

@@ -64,12 +64,41 @@ fn top<K: Ord>(it: impl Iterator<Item = (K, u64)>) -> Vec<(K, u64)> {
     v
 }
 
+/// Drops of one reason, split by how the reason was decided.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Split {
+    /// The reason was certain (probe, NOTRACK, an attached entry, or noise-free counters).
+    pub exact: u64,
+    /// The evidence left another reason possible (`possible` in the drop records).
+    pub uncertain: u64,
+}
+
+impl Split {
+    pub fn total(&self) -> u64 {
+        self.exact + self.uncertain
+    }
+}
+
+/// Every time attribution had to make do with less evidence, counted in the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AttributionStats {
+    /// Drops in an older netns whose counters ctrace had no starting point for on that CPU (not found at
+    /// start, or its baseline evicted from the bounded map): their counter evidence counts as uncertain.
+    pub no_baseline: u64,
+    /// kprobe verdicts that the kernel's counters contradicted (the counters' answer was used).
+    pub probe_disagreements: u64,
+    /// Baselines found stale and restarted from zero: a reused netns inode number or a reload.
+    pub baseline_resets: u64,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct NetnsSummary {
     pub netns: u32,
     pub name: Option<String>,
-    /// Exact per-reason totals for this netns.
+    /// Exact per-reason totals for this netns (exact and uncertain attributions together).
     pub drops: BTreeMap<Reason, u64>,
+    /// The part of `drops` whose reason was uncertain.
+    pub uncertain: BTreeMap<Reason, u64>,
     /// The kernel's counter deltas over the run (None when the netns could not be read).
     pub kernel: Option<CounterDelta>,
 }
@@ -79,6 +108,9 @@ pub struct Summary {
     pub mode: String,
     pub duration_s: f64,
     pub drops: BTreeMap<Reason, u64>,
+    /// The part of `drops` whose reason was uncertain.
+    pub uncertain: BTreeMap<Reason, u64>,
+    pub attribution: AttributionStats,
     pub lost: u64,
     pub netns: Vec<NetnsSummary>,
     pub top_flows: Vec<(DestKey, u64)>,
@@ -115,6 +147,8 @@ mod tests {
             new_baseline: false,
             detail: None,
             evicted: false,
+            attribution: ctrace_common::Attribution::Counters,
+            possible: 1 << Reason::TableFull as u8,
         }
     }
 

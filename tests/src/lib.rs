@@ -16,6 +16,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
+pub mod packets;
+
 /// The ctrace binary under test (`cargo xtask test` sets CTRACE_BIN).
 pub fn ctrace_bin() -> PathBuf {
     let p = std::env::var_os("CTRACE_BIN")
@@ -115,6 +117,69 @@ impl TestNetns {
         .join()
         .map_err(|_| anyhow::anyhow!("traffic thread panicked"))?
     }
+}
+
+impl TestNetns {
+    /// Runs `f` on a thread inside this netns (sockets it opens belong to the netns).
+    pub fn in_netns<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let path = format!("/run/netns/{}", self.name);
+        std::thread::spawn(move || -> anyhow::Result<T> {
+            let file = fs::File::open(&path).with_context(|| format!("cannot open {path}"))?;
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
+    }
+
+    /// The packet counter of the rule whose comment is `comment` (`-m comment --comment`), read with
+    /// `iptables -vnxL`: the ruleset's own count of what it dropped. `tool` is iptables or ip6tables.
+    pub fn rule_packets(&self, tool: &str, table: &str, chain: &str, comment: &str) -> anyhow::Result<u64> {
+        let text = self.exec(&[tool, "-w", "-t", table, "-vnxL", chain])?;
+        rule_packets(&text, comment)
+            .with_context(|| format!("no rule /* {comment} */ in {tool} -t {table} {chain}:\n{text}"))
+    }
+
+    /// The packets of nftables named counter `name` in table `inet ctrace`.
+    pub fn nft_counter(&self, name: &str) -> anyhow::Result<u64> {
+        let text = self.exec(&["nft", "list", "counter", "inet", "ctrace", name])?;
+        nft_packets(&text).with_context(|| format!("no packets in `nft list counter inet ctrace {name}`:\n{text}"))
+    }
+
+    /// Loads an nftables ruleset (the text of an `nft -f` file) into this netns.
+    pub fn nft(&self, ruleset: &str) -> anyhow::Result<()> {
+        let path = std::env::temp_dir().join(format!("{}.nft", self.name));
+        fs::write(&path, ruleset)?;
+        let result = self.exec(&["nft", "-f", &path.to_string_lossy()]);
+        let _ = fs::remove_file(&path);
+        result.map(|_| ())
+    }
+}
+
+/// The `pkts` column of the `iptables -vnxL` line that carries `/* comment */`.
+pub fn rule_packets(listing: &str, comment: &str) -> Option<u64> {
+    let tag = format!("/* {comment} */");
+    listing
+        .lines()
+        .find(|l| l.contains(&tag))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// N of `packets N` in `nft list counter` output.
+pub fn nft_packets(listing: &str) -> Option<u64> {
+    let mut words = listing.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "packets" {
+            return words.next()?.parse().ok();
+        }
+    }
+    None
 }
 
 impl Drop for TestNetns {
@@ -285,6 +350,15 @@ impl Drop for Ctrace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rule_counters_are_read_from_listings() {
+        let ipt = "Chain OUTPUT (policy ACCEPT 0 packets, 0 bytes)\n    pkts      bytes target     prot opt in     out     source               destination\n     200     5800 DROP       17   --  *      *       0.0.0.0/0            0.0.0.0/0            udp dpt:7 /* truth */\n";
+        assert_eq!(rule_packets(ipt, "truth"), Some(200));
+        assert_eq!(rule_packets(ipt, "other"), None);
+        let nft = "table inet ctrace {\n\tcounter truth {\n\t\tpackets 17 bytes 493\n\t}\n}\n";
+        assert_eq!(nft_packets(nft), Some(17));
+    }
 
     #[test]
     fn counters_sum_cpus() {

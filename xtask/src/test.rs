@@ -10,8 +10,8 @@ use clap::Args;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// Packages the host integration tests use (netns, iptables rules, conntrack statistics).
-pub const HOST_PACKAGES: &[&str] = &["iptables", "conntrack", "iproute2"];
+/// Packages the host integration tests use (netns, iptables and nftables rules, conntrack statistics).
+pub const HOST_PACKAGES: &[&str] = &["iptables", "nftables", "conntrack", "iproute2"];
 /// Packages the VM tests use (QEMU, busybox initramfs, depmod).
 pub const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "kmod", "cpio"];
 

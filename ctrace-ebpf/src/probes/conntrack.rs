@@ -21,15 +21,16 @@ use aya_ebpf::{
         bpf_probe_read_kernel_str_bytes,
     },
     macros::{kprobe, kretprobe, map},
-    maps::LruHashMap,
+    maps::{LruHashMap, PerCpuArray},
     programs::{ProbeContext, RetProbeContext},
 };
-use ctrace_common::{DETAIL_LEN, DropEvent, PendingVerdict, Reason, flags};
+use ctrace_common::{CpuMark, DETAIL_LEN, DropEvent, PendingVerdict, Reason, flags, losses};
 
 use crate::{
     filter,
     globals::{ct_l4proto_log_invalid_fmt, l4proto_log_invalid_fmt, layout},
-    maps::{EVENTS, LOSSES, LOST_EVENTS, bump},
+    maps::{EVENTS, bump_loss},
+    packet,
 };
 
 #[inline(always)]
@@ -38,41 +39,75 @@ fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// Verdicts for a packet, keyed by skb address; consumed by the kfree_skb program.
+#[inline(always)]
+fn this_cpu() -> u32 {
+    // SAFETY: no preconditions.
+    unsafe { bpf_get_smp_processor_id() }
+}
+
+/// Verdicts for a packet, keyed by skb address; consumed by the kfree_skb program, which checks
+/// the CPU, the age and the packet's fingerprint (skb addresses are reused at once).
 #[map]
 pub static PENDING_SKB: LruHashMap<u64, PendingVerdict> = LruHashMap::with_max_entries(4096, 0);
 
-/// "early_drop found nothing to evict" for the task (pid_tgid) whose packet is about to be dropped.
+/// "early_drop found nothing to evict" on this CPU (index 0), with the task context it happened in.
+/// Softirq work on idle CPUs all runs with pid_tgid 0, so marks are per CPU, not per task.
 #[map]
-pub static TABLE_FULL_MARK: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
+pub static TABLE_FULL_MARK: PerCpuArray<CpuMark> = PerCpuArray::with_max_entries(1, 0);
 
-/// Tasks (pid_tgid) inside early_drop right now: an nf_ct_delete there is an eviction.
+/// An early_drop call in progress on this CPU: an nf_ct_delete inside it is an eviction.
 #[map]
-static IN_EARLY_DROP: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
+static IN_EARLY_DROP: PerCpuArray<CpuMark> = PerCpuArray::with_max_entries(1, 0);
 
-/// skb of an nf_ct_resolve_clash call in progress, keyed by pid_tgid (kretprobes see no arguments).
+/// The skb of an nf_ct_resolve_clash call in progress on this CPU (kretprobes see no arguments).
 #[map]
-static CLASH_SKB: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
+static CLASH_SKB: PerCpuArray<CpuMark> = PerCpuArray::with_max_entries(1, 0);
 
-/// A verdict older than this is not about the packet being freed (the skb address was reused).
-/// Generous: the verdict and the free are microseconds apart on hardware, but an interrupt or an
-/// emulated CPU can stretch that; the `task` match keeps stale verdicts out.
-pub const FRESH_NS: u64 = 50_000_000;
+/// A verdict older than this is not about the packet being freed. The verdict and the free are
+/// microseconds apart on hardware; an emulated CPU stretches that by two orders of magnitude.
+pub const FRESH_NS: u64 = 10_000_000;
 
 const NF_DROP: i32 = 0;
 
+#[inline(always)]
+fn set_mark(map: &PerCpuArray<CpuMark>, skb: u64) {
+    if let Some(m) = map.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot.
+        unsafe {
+            *m = CpuMark {
+                ts_ns: now_ns(),
+                task: bpf_get_current_pid_tgid(),
+                skb,
+            }
+        };
+    }
+}
+
+/// Takes this CPU's mark if it was left in the current task context within FRESH_NS.
+#[inline(always)]
+fn take_mark(map: &PerCpuArray<CpuMark>) -> Option<CpuMark> {
+    let m = map.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot.
+    unsafe {
+        let mark = *m;
+        (*m).ts_ns = 0;
+        (mark.ts_ns != 0 && mark.task == bpf_get_current_pid_tgid() && now_ns().wrapping_sub(mark.ts_ns) < FRESH_NS)
+            .then_some(mark)
+    }
+}
+
 #[kprobe]
 pub fn conntrack_early_drop(_ctx: ProbeContext) -> u32 {
-    let _ = IN_EARLY_DROP.insert(bpf_get_current_pid_tgid(), now_ns(), 0);
+    set_mark(&IN_EARLY_DROP, 0);
     0
 }
 
 #[kretprobe]
 pub fn conntrack_early_drop_ret(ctx: RetProbeContext) -> u32 {
-    let _ = IN_EARLY_DROP.remove(bpf_get_current_pid_tgid());
+    let _ = take_mark(&IN_EARLY_DROP);
     let evicted: i32 = ctx.ret();
     if evicted == 0 {
-        let _ = TABLE_FULL_MARK.insert(bpf_get_current_pid_tgid(), now_ns(), 0);
+        set_mark(&TABLE_FULL_MARK, 0);
     }
     0
 }
@@ -80,31 +115,30 @@ pub fn conntrack_early_drop_ret(ctx: RetProbeContext) -> u32 {
 #[kprobe]
 pub fn conntrack_resolve_clash(ctx: ProbeContext) -> u32 {
     if let Some(skb) = ctx.arg::<u64>(0) {
-        let _ = CLASH_SKB.insert(bpf_get_current_pid_tgid(), skb, 0);
+        set_mark(&CLASH_SKB, skb);
     }
     0
 }
 
 #[kretprobe]
 pub fn conntrack_resolve_clash_ret(ctx: RetProbeContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    // SAFETY: plain value copied out of the map.
-    let Some(skb) = (unsafe { CLASH_SKB.get(id) }).copied() else {
+    let Some(mark) = take_mark(&CLASH_SKB) else {
         return 0;
     };
-    let _ = CLASH_SKB.remove(id);
     let verdict: i32 = ctx.ret();
     if verdict == NF_DROP {
         let mut v = PendingVerdict {
             ts_ns: now_ns(),
-            task: id,
+            // The drop follows at once in nf_hook_slow, before the skb can be reused.
+            fingerprint: 0,
+            cpu: this_cpu(),
             reason: Reason::InsertFailed as u8,
-            _pad: [0; 7],
+            _pad: [0; 3],
             detail: [0; DETAIL_LEN],
         };
         let text = b"unresolved clash";
         v.detail[..text.len()].copy_from_slice(text);
-        let _ = PENDING_SKB.insert(skb, v, 0);
+        let _ = PENDING_SKB.insert(mark.skb, v, 0);
     }
     0
 }
@@ -142,9 +176,11 @@ fn record_invalid(ctx: &ProbeContext, fmt_idx: u32) {
     let Some(skb) = ctx.arg::<u64>(0) else { return };
     let mut v = PendingVerdict {
         ts_ns: now_ns(),
-        task: bpf_get_current_pid_tgid(),
+        // Most invalid packets are accepted and freed later: the next packet in this skb must not inherit it.
+        fingerprint: packet::fingerprint(skb),
+        cpu: this_cpu(),
         reason: Reason::Invalid as u8,
-        _pad: [0; 7],
+        _pad: [0; 3],
         detail: [0; DETAIL_LEN],
     };
     let (fmt, first_vararg) = fmt_and_first_vararg(ctx, fmt_idx);
@@ -165,9 +201,12 @@ fn record_invalid(ctx: &ProbeContext, fmt_idx: u32) {
 
 #[kprobe]
 pub fn conntrack_ct_delete(ctx: ProbeContext) -> u32 {
-    let id = bpf_get_current_pid_tgid();
-    // SAFETY: plain value read.
-    if unsafe { IN_EARLY_DROP.get(id) }.is_none() {
+    let Some(m) = IN_EARLY_DROP.get_ptr(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's slot, read only.
+    let mark = unsafe { *m };
+    if mark.ts_ns == 0 || mark.task != bpf_get_current_pid_tgid() {
         return 0;
     }
     if let Some(ct) = ctx.arg::<u64>(0) {
@@ -190,6 +229,8 @@ unsafe fn report_eviction(ct: u64) {
         ev.cpu = bpf_get_smp_processor_id();
         ev.reason = Reason::EarlyDrop as u8;
         ev.flags = flags::EVICTED | flags::FROM_KPROBE;
+        ev.attribution = ctrace_common::Attribution::Probe as u8;
+        ev.possible = 1 << Reason::EarlyDrop as u8;
         let net: u64 = bpf_probe_read_kernel((ct + layout!(ct_net) as u64) as *const u64).unwrap_or(0);
         if net != 0 {
             ev.netns = bpf_probe_read_kernel((net + layout!(net_inum) as u64) as *const u32).unwrap_or(0);
@@ -219,7 +260,7 @@ unsafe fn report_eviction(ct: u64) {
             return;
         }
         if EVENTS.output::<DropEvent>(&ev, 0).is_err() {
-            bump(&LOSSES, LOST_EVENTS);
+            bump_loss(losses::EVENTS);
         }
     }
 }

@@ -2,20 +2,28 @@
 //! SKB_DROP_REASON_NETFILTER_DROP (5.18+, 5.15.100+); older kernels are matched on the free
 //! location instead. The `skb:kfree_skb` BTF tracepoint is the sink where the packet is seen.
 //!
-//! Who dropped it: conntrack bumps this CPU's `net->ct.stat` counters (`drop`, `insert_failed`,
-//! `invalid`) right before it returns NF_DROP, and `nf_hook_slow` frees the skb right after, on
-//! the same CPU. Comparing this CPU's counters with the values seen at the previous drop in the
-//! same netns tells a conntrack drop from a ruleset drop, and which kind.
+//! Who dropped it (`ctrace_common::classify`): `skb->_nfct` says whether conntrack exempted the packet
+//! (NOTRACK) or accepted it (an entry attached). Conntrack bumps this CPU's `net->ct.stat` counters right
+//! before it returns NF_DROP and `nf_hook_slow` frees the skb right after, on the same CPU: comparing them
+//! with the values seen at the previous drop in the same netns tells which conntrack drop it was. `invalid`
+//! also counts packets that are then accepted, so alone it leaves a drop uncertain; kprobe verdicts left for
+//! this very skb settle it where kprobes exist.
 //!
 //! Hooked prototype: `trace_kfree_skb(struct sk_buff *skb, void *location,
 //! enum skb_drop_reason reason [, struct sock *rx_sk (6.12+)])`; `reason` is absent before 5.17.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
+    },
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use ctrace_common::{CtStat, DropEvent, Reason, TASK_COMM_LEN, flags};
+use ctrace_common::{
+    Attribution, Baseline, CtStat, DETAIL_LEN, DropEvent, Evidence, Reason, TASK_COMM_LEN, Verdict, baseline_state,
+    classify, flags, losses,
+};
 
 use crate::{
     filter,
@@ -27,11 +35,6 @@ use crate::{
 #[inline(always)]
 unsafe fn read_u64(addr: u64) -> Option<u64> {
     unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(addr as *const u64).ok() }
-}
-
-#[inline(always)]
-unsafe fn read_u32(addr: u64) -> Option<u32> {
-    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(addr as *const u32).ok() }
 }
 
 /// Loads a pointer field from a BTF-typed kernel pointer. A direct load (not a probe read) keeps
@@ -96,7 +99,13 @@ unsafe fn try_kfree_skb(ctx: &BtfTracePointContext) {
         ev.netns = netns;
         ev.cpu = bpf_get_smp_processor_id();
         let nfct: u64 = *(skb.add(layout!(skb_nfct) as usize) as *const u64);
-        if nfct & !7 != 0 {
+        let mut evidence = Evidence {
+            has_ct: nfct & !7 != 0,
+            untracked: nfct == IP_CT_UNTRACKED,
+            insert_failed_noisy: globals::insert_failed_noisy(),
+            ..Evidence::default()
+        };
+        if evidence.has_ct {
             ev.flags |= flags::HAS_CT;
             ev.ctinfo = (nfct & 7) as u8;
         }
@@ -106,129 +115,215 @@ unsafe fn try_kfree_skb(ctx: &BtfTracePointContext) {
             ev.comm = bpf_get_current_comm().unwrap_or([0u8; TASK_COMM_LEN]);
         }
 
-        // Counters are read in every mode: they keep the per-CPU baselines current.
-        let by_counters = if net.is_null() {
-            Reason::NetfilterRule
+        // Counters are read in every mode: they keep the per-CPU baselines current, and they check the probes.
+        if !net.is_null() {
+            counter_delta(net, netns, &mut ev, &mut evidence);
+        }
+        if globals::kprobe_mode() {
+            evidence.probe = kprobe_verdict(skb as u64, evidence.has_ct, &mut ev);
+        }
+        let verdict = opaque_verdict(classify(&evidence));
+        if verdict.attribution == Attribution::Probe {
+            ev.flags |= flags::FROM_KPROBE;
         } else {
-            attribute(net, netns, &mut ev)
-        };
-        let reason = if globals::kprobe_mode() {
-            match kprobe_verdict(skb as u64, &mut ev) {
-                Some(r) => {
-                    ev.flags |= flags::FROM_KPROBE;
-                    r
-                }
-                None => by_counters,
-            }
-        } else {
-            by_counters
-        };
-        if !filter::wants_reason(reason) {
+            ev.detail = [0; DETAIL_LEN];
+        }
+        if verdict.disagreement {
+            ev.flags |= flags::DISAGREEMENT;
+            maps::bump_loss(losses::DISAGREEMENTS);
+        }
+        if !filter::wants_any_reason(verdict.possible as u32) {
             return;
         }
         packet::decode(skb as u64, &mut ev);
         if !filter::wants_flow(&ev) {
             return;
         }
-        ev.reason = reason as u8;
-        maps::bump(&maps::REASON_TOTALS, reason as u32);
-        maps::bump_netns(netns, reason);
+        ev.reason = verdict.reason as u8;
+        ev.attribution = verdict.attribution as u8;
+        ev.possible = verdict.possible;
+        maps::bump_totals(netns, verdict.reason, verdict.attribution == Attribution::Uncertain);
         if maps::EVENTS.output::<DropEvent>(&ev, 0).is_err() {
-            maps::bump(&maps::LOSSES, maps::LOST_EVENTS);
+            maps::bump_loss(losses::EVENTS);
         }
     }
 }
 
-/// The verdict a conntrack kprobe left for this packet (by skb) or for this task (table full),
-/// if it is fresh. Consumed either way.
+/// The verdict, with its values hidden from the verifier's value tracking. Without this, each of
+/// `classify`'s outcomes reaches the packet decoder with its own constants, the verifier walks every
+/// combination separately and gives up (a million instructions).
 #[inline(always)]
-unsafe fn kprobe_verdict(skb: u64, ev: &mut DropEvent) -> Option<Reason> {
+fn opaque_verdict(v: Verdict) -> Verdict {
+    let packed: u64 =
+        v.reason as u64 | (v.attribution as u64) << 8 | (v.possible as u64) << 16 | (v.disagreement as u64) << 24;
+    // SAFETY: a read of our own stack slot.
+    let p = unsafe { bpf_probe_read_kernel(&packed as *const u64) }.unwrap_or(packed);
+    Verdict {
+        reason: Reason::from_u8(p as u8).unwrap_or(Reason::NetfilterRule),
+        attribution: Attribution::from_u8((p >> 8) as u8).unwrap_or(Attribution::Uncertain),
+        possible: (p >> 16) as u8,
+        disagreement: (p >> 24) & 1 != 0,
+    }
+}
+
+/// `v`, with its value hidden from the verifier's value tracking.
+#[inline(always)]
+fn opaque<T: Copy>(v: T) -> T {
+    // SAFETY: a read of our own stack slot holding a valid `T`.
+    unsafe { bpf_probe_read_kernel(&v as *const T) }.unwrap_or(v)
+}
+
+/// Words of struct ip_conntrack_stat read at once.
+const STAT_WORDS: usize = 12;
+
+/// `enum ip_conntrack_info` IP_CT_UNTRACKED: `_nfct` of a packet NOTRACK exempted from conntrack.
+const IP_CT_UNTRACKED: u64 = 7;
+
+/// The verdict a conntrack kprobe left for this very packet, if fresh, left on this CPU and (for
+/// per-skb verdicts) for a packet with the same headers. Consumed either way.
+#[inline(always)]
+unsafe fn kprobe_verdict(skb: u64, has_ct: bool, ev: &mut DropEvent) -> Option<Reason> {
     unsafe {
-        let id = bpf_get_current_pid_tgid();
         if let Some(p) = PENDING_SKB.get(skb) {
-            let (ts, task, reason, detail) = (p.ts_ns, p.task, p.reason, p.detail);
+            let p = *p;
             let _ = PENDING_SKB.remove(skb);
-            if task == id && ev.ts_ns.wrapping_sub(ts) < FRESH_NS {
-                ev.detail = detail;
-                return Reason::from_u8(reason);
+            if p.cpu == ev.cpu
+                && ev.ts_ns.wrapping_sub(p.ts_ns) < FRESH_NS
+                && (p.fingerprint == 0 || p.fingerprint == packet::fingerprint(skb))
+            {
+                ev.detail = p.detail;
+                return Reason::from_u8(p.reason);
             }
         }
-        if let Some(ts) = TABLE_FULL_MARK.get(id).copied() {
-            let _ = TABLE_FULL_MARK.remove(id);
-            if ev.ts_ns.wrapping_sub(ts) < FRESH_NS {
-                return Some(Reason::TableFull);
+        // "early_drop found nothing to evict" on this CPU, in this context: the packet being freed
+        // now is the one whose entry could not be allocated (the counters cross-check it).
+        if !has_ct && let Some(m) = TABLE_FULL_MARK.get_ptr_mut(0) {
+            let mark = *m;
+            if mark.ts_ns != 0 {
+                (*m).ts_ns = 0;
+                if mark.task == bpf_get_current_pid_tgid() && ev.ts_ns.wrapping_sub(mark.ts_ns) < FRESH_NS {
+                    return Some(Reason::TableFull);
+                }
             }
         }
         None
     }
 }
 
-/// Reads this CPU's conntrack counters of `net`, compares them with the baseline and decides who
-/// dropped the packet. Updates the baseline.
+/// Reads this CPU's conntrack counters of `net` and their increase since the previous drop in this
+/// netns on this CPU, and makes them the new baseline.
 #[inline(always)]
-unsafe fn attribute(net: *const u8, netns: u32, ev: &mut DropEvent) -> Reason {
+unsafe fn counter_delta(net: *const u8, netns: u32, ev: &mut DropEvent, evidence: &mut Evidence) {
     unsafe {
         // `net->ct.stat` is a per-CPU pointer; this CPU's copy lives at pointer + this CPU's
         // per-CPU offset. (bpf_this_cpu_ptr would need __percpu type tags, which kernels built
         // with gcc do not have in their BTF.)
         let Some(pcpu) = read_u64(net as u64 + layout!(net_ct_stat) as u64) else {
-            return Reason::NetfilterRule;
+            return;
         };
         let Some(cpu_off) = percpu::this_cpu_offset() else {
-            return Reason::NetfilterRule;
+            return;
         };
         if pcpu == 0 {
-            return Reason::NetfilterRule;
+            return;
         }
         let stat = pcpu.wrapping_add(cpu_off);
-        let now = CtStat {
-            drop: read_u32(stat + layout!(stat_drop) as u64).unwrap_or(0),
-            invalid: read_u32(stat + layout!(stat_invalid) as u64).unwrap_or(0),
-            insert_failed: read_u32(stat + layout!(stat_insert_failed) as u64).unwrap_or(0),
-            early_drop: read_u32(stat + layout!(stat_early_drop) as u64).unwrap_or(0),
+        // One read of the first 12 counters of struct ip_conntrack_stat (those used are within them since
+        // 4.18), into a per-CPU scratch slot: a read per counter would give the verifier a path per
+        // combination of failed reads, and 48 bytes on the stack would not fit beside the event.
+        let Some(all) = maps::STAT_SCRATCH.get_ptr_mut(0) else {
+            return;
         };
-        let before = match maps::BASELINE.get_ptr_mut(netns) {
+        if aya_ebpf::helpers::bpf_probe_read_kernel_buf(stat as *const u8, &mut *(all as *mut [u8; 4 * STAT_WORDS]))
+            .is_err()
+        {
+            return;
+        }
+        let all = &*all;
+        let word = |off: u32| all[(off as usize / 4) % STAT_WORDS];
+        let now = CtStat {
+            drop: word(layout!(stat_drop)),
+            invalid: word(layout!(stat_invalid)),
+            insert_failed: word(layout!(stat_insert_failed)),
+            early_drop: word(layout!(stat_early_drop)),
+            error: word(layout!(stat_error)),
+            _pad: 0,
+        };
+        // Which netns this is, beyond its (reusable) inode number.
+        let cookie = match layout!(net_cookie) {
+            0 => 0,
+            off => read_u64(net as u64 + off as u64).unwrap_or(0),
+        };
+        // Neither is unique alone (6.18 reuses namespace ids, and `struct net` memory is reused), together
+        // they practically are.
+        let slot_of_net = net as u64;
+        let address = bpf_probe_read_kernel(&slot_of_net as *const u64).unwrap_or(0);
+        let generation = address ^ cookie.rotate_left(32);
+
+        let slot = maps::BASELINE.get_ptr_mut(netns);
+        let found = match slot {
             Some(p) => {
-                let before = *p;
-                *p = now;
-                before
+                let b = ((*p).state, (*p).generation, (*p).stat);
+                (*p).stat = now;
+                (*p).generation = generation;
+                (*p).state = baseline_state::LIVE;
+                Some(b)
             }
             None => {
-                ev.flags |= flags::NEW_BASELINE;
-                if maps::BASELINE.insert(netns, now, 0).is_err() {
-                    maps::bump(&maps::LOSSES, maps::LOST_BASELINE);
-                }
-                CtStat::default()
+                let fresh = Baseline {
+                    stat: now,
+                    generation,
+                    state: baseline_state::LIVE,
+                    _pad: 0,
+                };
+                let _ = maps::BASELINE.insert(netns, fresh, 0);
+                None
             }
         };
+        let (mut before, mut known, mut reset) = match found {
+            Some((state, gen_seen, stat)) => {
+                // Its own live slot, or the loader's seed from before the first drop.
+                if (state == baseline_state::LIVE && gen_seen == generation) || state == baseline_state::SEEDED {
+                    (stat, true, false)
+                } else if state == baseline_state::LIVE || state == baseline_state::SEEDED {
+                    // Another netns had this inode number: this one is newer, its counters started at 0.
+                    (CtStat::default(), true, true)
+                } else {
+                    (CtStat::default(), false, false)
+                }
+            }
+            None => (CtStat::default(), false, false),
+        };
+        if now.drop < before.drop
+            || now.invalid < before.invalid
+            || now.insert_failed < before.insert_failed
+            || now.early_drop < before.early_drop
+            || now.error < before.error
+        {
+            // Counters went backwards: nf_conntrack was reloaded since, they restarted from 0.
+            before = CtStat::default();
+            known = true;
+            reset = true;
+        }
+        // Hidden from the verifier: the ways through the choice above merge into one state here.
+        let (before, known, reset) = opaque((before, known, reset));
+        if reset {
+            ev.flags |= flags::BASELINE_RESET;
+            maps::bump_loss(losses::BASELINE_RESETS);
+        }
+        if !known {
+            ev.flags |= flags::NEW_BASELINE;
+            maps::bump_loss(losses::NO_BASELINE);
+        }
         ev.delta = CtStat {
             drop: now.drop.wrapping_sub(before.drop),
             invalid: now.invalid.wrapping_sub(before.invalid),
             insert_failed: now.insert_failed.wrapping_sub(before.insert_failed),
             early_drop: now.early_drop.wrapping_sub(before.early_drop),
+            error: now.error.wrapping_sub(before.error),
+            _pad: 0,
         };
-        classify(&ev.delta, ev.flags & flags::HAS_CT != 0)
-    }
-}
-
-/// The decision table. `drop` moves for table-full (allocation failure), for an unresolved
-/// clash (with `insert_failed`) and for NF_DROP from a protocol tracker (with `invalid`);
-/// a failed insert of a dying entry or a too-long chain moves only `insert_failed`. A packet
-/// that conntrack marked invalid (no entry attached) and a rule then dropped moves only
-/// `invalid`. Nothing moved: the ruleset dropped it.
-#[inline(always)]
-fn classify(d: &CtStat, has_ct: bool) -> Reason {
-    if d.insert_failed != 0 {
-        Reason::InsertFailed
-    } else if d.drop != 0 {
-        if d.invalid != 0 {
-            Reason::Invalid
-        } else {
-            Reason::TableFull
-        }
-    } else if d.invalid != 0 && !has_ct {
-        Reason::Invalid
-    } else {
-        Reason::NetfilterRule
+        evidence.delta = ev.delta;
+        evidence.baseline_known = known;
     }
 }

@@ -10,9 +10,9 @@ use aya::{
     maps::{MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf},
     programs::{BtfTracePoint, KProbe, kprobe::KProbeLinkId},
 };
-use ctrace_common::{CtStat, NetnsReasonKey, Reason};
+use ctrace_common::{Baseline, CtStat, NetnsReasonKey, Reason, UNCERTAIN_BIT, baseline_state, losses, totals_index};
 
-use crate::{btf::Btf, ctstat::CtStats, layout};
+use crate::{btf::Btf, ctstat::CtStats, layout, summary::Split};
 
 /// The eBPF object, built by build.rs and embedded so the binary runs anywhere.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ctrace"));
@@ -39,10 +39,6 @@ pub struct Tracer {
     eviction_target: Option<String>,
     eviction_link: Option<KProbeLinkId>,
 }
-
-/// Indexes of the `LOSSES` map (see ctrace-ebpf/src/maps.rs).
-const LOST_EVENTS: u32 = 0;
-const LOST_NETNS_SPLIT: u32 = 1;
 
 impl Tracer {
     /// Loads and attaches. `baselines` are the current counters of every netns that exists now.
@@ -90,6 +86,7 @@ reload can reset its sysctls"
         };
         let module_globals = module_layout.clone().unwrap_or_default();
         let sysctl_task_helpers: u32 = crate::sysctl_watch::task_helpers(&release).into();
+        let insert_failed_noisy: u32 = insert_failed_counts_resolved_clashes(&release).into();
         let mut ebpf = EbpfLoader::new()
             .override_global("LAYOUT", &kernel_layout, true)
             .override_global("FILTER_NETNS", &filters.netns, true)
@@ -103,6 +100,7 @@ reload can reset its sysctls"
             .override_global("CT_L4PROTO_LOG_INVALID_FMT", &ct_l4_fmt, true)
             .override_global("MODULE_LAYOUT", &module_globals, true)
             .override_global("SYSCTL_TASK_HELPERS", &sysctl_task_helpers, true)
+            .override_global("INSERT_FAILED_NOISY", &insert_failed_noisy, true)
             .load(EBPF_OBJECT)
             .context("the kernel refused ctrace's BPF programs")?;
 
@@ -178,11 +176,17 @@ reload can reset its sysctls"
     /// the kernel's counters). Returns the functions probed.
     pub fn reattach_conntrack(&mut self) -> anyhow::Result<Vec<String>> {
         self.eviction_link = None;
-        let mut baseline: PerCpuHashMap<_, u32, CtStat> =
+        let ncpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
+        let mut baseline: PerCpuHashMap<_, u32, Baseline> =
             PerCpuHashMap::try_from(self.ebpf.map_mut("BASELINE").context("BASELINE map missing")?)?;
         let keys: Vec<u32> = baseline.keys().filter_map(Result::ok).collect();
+        // The reload zeroed every counter: zero is each known netns's new starting point.
+        let zero = Baseline {
+            state: baseline_state::SEEDED,
+            ..Baseline::default()
+        };
         for k in keys {
-            let _ = baseline.remove(&k);
+            let _ = baseline.insert(k, PerCpuValues::try_from(vec![zero; ncpus])?, 0);
         }
         if self.kprobe_links.is_empty() && self.eviction_target.is_none() {
             return Ok(vec![]);
@@ -230,24 +234,36 @@ reload can reset its sysctls"
         Ok(m.get(&index, 0)?.iter().sum())
     }
 
-    /// Exact totals per reason, counted in the kernel whether or not events reached us.
-    pub fn reason_totals(&self) -> anyhow::Result<HashMap<Reason, u64>> {
+    /// Exact totals per reason, counted in the kernel whether or not events reached us, split by
+    /// whether the reason was certain.
+    pub fn reason_totals(&self) -> anyhow::Result<HashMap<Reason, Split>> {
         let mut out = HashMap::new();
         for r in Reason::ALL {
-            out.insert(r, self.percpu_sum("REASON_TOTALS", r as u32)?);
+            let split = Split {
+                exact: self.percpu_sum("REASON_TOTALS", totals_index(r, false))?,
+                uncertain: self.percpu_sum("REASON_TOTALS", totals_index(r, true))?,
+            };
+            out.insert(r, split);
         }
         Ok(out)
     }
 
     /// Exact totals per (netns, reason).
-    pub fn netns_totals(&self) -> anyhow::Result<HashMap<(u32, Reason), u64>> {
+    pub fn netns_totals(&self) -> anyhow::Result<HashMap<(u32, Reason), Split>> {
         let m: PerCpuHashMap<_, NetnsReasonKey, u64> =
             PerCpuHashMap::try_from(self.ebpf.map("NETNS_TOTALS").context("NETNS_TOTALS missing")?)?;
-        let mut out = HashMap::new();
+        let mut out: HashMap<(u32, Reason), Split> = HashMap::new();
         for item in m.iter() {
             let (k, v) = item?;
-            if let Some(r) = Reason::from_u8(k.reason as u8) {
-                out.insert((k.netns, r), v.iter().sum());
+            let Some(r) = Reason::from_u8((k.reason & !UNCERTAIN_BIT) as u8) else {
+                continue;
+            };
+            let split = out.entry((k.netns, r)).or_default();
+            let n: u64 = v.iter().sum();
+            if k.reason & UNCERTAIN_BIT != 0 {
+                split.uncertain += n;
+            } else {
+                split.exact += n;
             }
         }
         Ok(out)
@@ -255,31 +271,53 @@ reload can reset its sysctls"
 
     /// Events that did not fit in the ring buffer.
     pub fn lost_events(&self) -> anyhow::Result<u64> {
-        self.percpu_sum("LOSSES", LOST_EVENTS)
+        self.percpu_sum("LOSSES", losses::EVENTS)
     }
 
     /// Drops whose per-netns split was not recorded (more netns than the map holds).
     pub fn lost_netns_split(&self) -> anyhow::Result<u64> {
-        self.percpu_sum("LOSSES", LOST_NETNS_SPLIT)
+        self.percpu_sum("LOSSES", losses::NETNS_SPLIT)
     }
+
+    /// How often attribution had to fall back, and why.
+    pub fn attribution_stats(&self) -> anyhow::Result<crate::summary::AttributionStats> {
+        Ok(crate::summary::AttributionStats {
+            no_baseline: self.percpu_sum("LOSSES", losses::NO_BASELINE)?,
+            probe_disagreements: self.percpu_sum("LOSSES", losses::DISAGREEMENTS)?,
+            baseline_resets: self.percpu_sum("LOSSES", losses::BASELINE_RESETS)?,
+        })
+    }
+}
+
+/// Before 5.10 (and in RHEL 8's 4.18) a clash that conntrack resolves still counts as insert_failed,
+/// with the packet accepted: the counter then carries noise.
+fn insert_failed_counts_resolved_clashes(release: &str) -> bool {
+    crate::check::facts::KernelVersion::parse(release).is_some_and(|k| !k.at_least(5, 10))
 }
 
 /// Writes each netns's current per-CPU counters as the starting point of attribution.
 fn seed_baselines(ebpf: &mut Ebpf, baselines: &HashMap<u32, CtStats>) -> anyhow::Result<()> {
     let ncpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
-    let mut map: PerCpuHashMap<_, u32, CtStat> =
+    let mut map: PerCpuHashMap<_, u32, Baseline> =
         PerCpuHashMap::try_from(ebpf.map_mut("BASELINE").context("BASELINE map missing")?)?;
     for (netns, stats) in baselines {
         if stats.per_cpu.len() != ncpus {
             // Cannot line rows up with CPUs: let the program start this netns from its first drop.
             continue;
         }
-        let values: Vec<CtStat> = (0..ncpus)
-            .map(|cpu| CtStat {
-                drop: stats.cpu(cpu, "drop") as u32,
-                invalid: stats.cpu(cpu, "invalid") as u32,
-                insert_failed: stats.cpu(cpu, "insert_failed") as u32,
-                early_drop: stats.cpu(cpu, "early_drop") as u32,
+        let values: Vec<Baseline> = (0..ncpus)
+            .map(|cpu| Baseline {
+                stat: CtStat {
+                    drop: stats.cpu(cpu, "drop") as u32,
+                    invalid: stats.cpu(cpu, "invalid") as u32,
+                    insert_failed: stats.cpu(cpu, "insert_failed") as u32,
+                    early_drop: stats.cpu(cpu, "early_drop") as u32,
+                    error: stats.cpu(cpu, "error") as u32,
+                    _pad: 0,
+                },
+                generation: 0,
+                state: baseline_state::SEEDED,
+                _pad: 0,
             })
             .collect();
         map.insert(*netns, PerCpuValues::try_from(values)?, 0)?;

@@ -49,15 +49,17 @@ impl Choice {
 }
 
 pub const TRACEPOINT_EXACTNESS: &str = "how exact: every packet that netfilter drops is seen at skb:kfree_skb; \
-conntrack's per-CPU counters tell conntrack drops (table_full, insert_failed, invalid) from ruleset drops \
-(netfilter_rule), exact per packet unless a sender migrates CPU inside the netfilter hook; early_drop \
+a NOTRACKed packet or one carrying a conntrack entry is an exact netfilter_rule; conntrack's per-CPU drop and \
+insert_failed counters name table_full and insert_failed exactly; a drop without an entry after conntrack counted \
+invalid packets that it let through is reported uncertain (invalid or netfilter_rule), never guessed; early_drop \
 evictions are counted from the kernel counters each second, without the evicted flow.";
 
 pub const KPROBE_EXACTNESS: &str = "how exact: every packet that netfilter drops is seen at skb:kfree_skb; \
 kprobes on early_drop, nf_ct_resolve_clash and nf_(ct_)l4proto_log_invalid name table_full, unresolved \
-clashes and invalid packets exactly per packet, with the kernel's reason text; other insert failures and \
-ruleset drops are told apart by conntrack's per-CPU counters; early_drop evictions are counted exactly from the \
-kernel counters and, while a table is over 90% full, listed one by one with the evicted entry's flow.";
+clashes and invalid packets for the very skb (checked against its headers and conntrack's counters), with the \
+kernel's reason text; NOTRACK and attached entries prove ruleset drops; what neither settles is reported \
+uncertain; early_drop evictions are counted exactly from the kernel counters and, while a table is over 90% \
+full, listed one by one with the evicted entry's flow.";
 
 /// Kprobes are usable when the kernel exposes the kprobe PMU (CONFIG_KPROBE_EVENTS).
 pub fn kernel_has_kprobes() -> bool {
