@@ -18,6 +18,20 @@ unsafe fn read<T>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_kernel(addr as *const T).ok() }
 }
 
+/// The address of the skb's network header and its first byte (IP version << 4 | IHL).
+#[inline(always)]
+unsafe fn network_header(skb: u64) -> Option<(u64, u8)> {
+    unsafe {
+        let head: u64 = read(skb + layout!(skb_head) as u64)?;
+        let nh_off: u16 = read(skb + layout!(skb_network_header) as u64)?;
+        if head == 0 || nh_off == u16::MAX {
+            return None;
+        }
+        let nh = head + nh_off as u64;
+        Some((nh, read(nh)?))
+    }
+}
+
 /// Fills the address, protocol and port fields of `ev` from the skb at `skb`.
 /// Leaves them zero (and HEADERS_OK unset) when the headers cannot be read.
 #[inline(always)]
@@ -28,13 +42,7 @@ pub fn decode(skb: u64, ev: &mut DropEvent) {
 #[inline(always)]
 unsafe fn try_decode(skb: u64, ev: &mut DropEvent) -> Option<()> {
     unsafe {
-        let head: u64 = read(skb + layout!(skb_head) as u64)?;
-        let nh_off: u16 = read(skb + layout!(skb_network_header) as u64)?;
-        if head == 0 || nh_off == u16::MAX {
-            return None;
-        }
-        let nh = head + nh_off as u64;
-        let first: u8 = read(nh)?;
+        let (nh, first) = network_header(skb)?;
         let th = match first >> 4 {
             4 => {
                 // struct iphdr: ihl:4 version:4, ..., protocol@9, saddr@12, daddr@16
@@ -102,13 +110,7 @@ fn mix(h: u64, v: u64) -> u64 {
 #[inline(always)]
 unsafe fn try_fingerprint(skb: u64) -> Option<u64> {
     unsafe {
-        let head: u64 = read(skb + layout!(skb_head) as u64)?;
-        let nh_off: u16 = read(skb + layout!(skb_network_header) as u64)?;
-        if head == 0 || nh_off == u16::MAX {
-            return None;
-        }
-        let nh = head + nh_off as u64;
-        let first: u8 = read(nh)?;
+        let (nh, first) = network_header(skb)?;
         let mut h: u64 = 0x51_7cc1_b727_220a;
         let l4 = match first >> 4 {
             4 => {

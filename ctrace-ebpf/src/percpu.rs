@@ -15,7 +15,7 @@ static CPU_OFFSET: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Turns a pointer the verifier tracks into a plain number by copying it through memory.
 #[inline(always)]
-unsafe fn address_of<T>(p: *const T) -> u64 {
+pub unsafe fn address_of<T>(p: *const T) -> u64 {
     let slot = p as u64;
     unsafe { bpf_probe_read_kernel(&slot as *const u64).unwrap_or(0) }
 }

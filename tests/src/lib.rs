@@ -56,24 +56,26 @@ pub struct TestNetns {
 }
 
 impl TestNetns {
-    /// Creates the netns with loopback up and conntrack enabled by an iptables conntrack match.
+    /// Creates the netns with loopback up and conntrack enabled (IPv4 and IPv6) by a conntrack match in OUTPUT.
     pub fn new(tag: &str) -> anyhow::Result<TestNetns> {
         let name = format!("ctrace-test-{}-{tag}", std::process::id());
         run(&["ip", "netns", "add", &name])?;
         let ns = TestNetns { name };
         ns.exec(&["ip", "link", "set", "lo", "up"])?;
-        ns.exec(&[
-            "iptables",
-            "-w",
-            "-A",
-            "OUTPUT",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "NEW,ESTABLISHED,RELATED",
-            "-j",
-            "ACCEPT",
-        ])?;
+        for tool in ["iptables", "ip6tables"] {
+            ns.exec(&[
+                tool,
+                "-w",
+                "-A",
+                "OUTPUT",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "NEW,ESTABLISHED,RELATED",
+                "-j",
+                "ACCEPT",
+            ])?;
+        }
         Ok(ns)
     }
 

@@ -117,19 +117,6 @@ fn run_case(
 ) -> (Reported, Value) {
     require_root();
     let ns = TestNetns::new(tag).unwrap();
-    ns.exec(&[
-        "ip6tables",
-        "-w",
-        "-A",
-        "OUTPUT",
-        "-m",
-        "conntrack",
-        "--ctstate",
-        "NEW,ESTABLISHED",
-        "-j",
-        "ACCEPT",
-    ])
-    .unwrap();
     setup(&ns);
     let ctrace = Ctrace::start(&["--netns", &ns.name, "--rate-limit", "0"]).unwrap();
     let before = ns.counters().unwrap();

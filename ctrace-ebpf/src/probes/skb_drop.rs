@@ -125,7 +125,8 @@ unsafe fn try_kfree_skb(ctx: &BtfTracePointContext) {
         let verdict = opaque_verdict(classify(&evidence));
         if verdict.attribution == Attribution::Probe {
             ev.flags |= flags::FROM_KPROBE;
-        } else {
+        } else if globals::kprobe_mode() {
+            // A verdict the counters overruled leaves no kernel text behind (tracepoint mode never sets any).
             ev.detail = [0; DETAIL_LEN];
         }
         if verdict.disagreement {
@@ -256,9 +257,7 @@ unsafe fn counter_delta(net: *const u8, netns: u32, ev: &mut DropEvent, evidence
         };
         // Neither is unique alone (6.18 reuses namespace ids, and `struct net` memory is reused), together
         // they practically are.
-        let slot_of_net = net as u64;
-        let address = bpf_probe_read_kernel(&slot_of_net as *const u64).unwrap_or(0);
-        let generation = address ^ cookie.rotate_left(32);
+        let generation = percpu::address_of(net) ^ cookie.rotate_left(32);
 
         let slot = maps::BASELINE.get_ptr_mut(netns);
         let found = match slot {
