@@ -20,15 +20,19 @@ pub enum Attribution {
     Counters = 3,
     /// The evidence leaves more than one reason possible (`DropEvent::possible`).
     Uncertain = 4,
+    /// ctrace's netfilter hook right after conntrack's (6.4+, armed per netns) saw this very packet leave
+    /// conntrack without an entry (`invalid`), or never saw it (dropped before conntrack: `netfilter_rule`).
+    Hook = 5,
 }
 
 impl Attribution {
-    pub const ALL: [Attribution; 5] = [
+    pub const ALL: [Attribution; 6] = [
         Attribution::Probe,
         Attribution::Notrack,
         Attribution::CtAttached,
         Attribution::Counters,
         Attribution::Uncertain,
+        Attribution::Hook,
     ];
 
     pub fn from_u8(v: u8) -> Option<Attribution> {
@@ -42,6 +46,7 @@ impl Attribution {
             Attribution::CtAttached => "ct_attached",
             Attribution::Counters => "counters",
             Attribution::Uncertain => "uncertain",
+            Attribution::Hook => "hook",
         }
     }
 }
@@ -63,6 +68,9 @@ pub struct Evidence {
     pub insert_failed_noisy: bool,
     /// The reason a kprobe left for this very skb (kprobe mode), if any.
     pub probe: Option<Reason>,
+    /// Where the conntrack hook is armed in this netns: whether this packet left conntrack's hook without an
+    /// entry in its current pass through the hooks (`None`: not armed, no such evidence).
+    pub passed_conntrack: Option<bool>,
 }
 
 /// The decision: a reason, how it was decided, and (when uncertain) every reason still possible.
@@ -154,6 +162,14 @@ fn classify_by_counters(e: &Evidence) -> Verdict {
         // No entry could be allocated. (The only ct-less drops that also count `invalid` are a TCP
         // reopen race and a truncated DCCP header; `invalid` noise does not change this.)
         Verdict::exact(TableFull, Attribution::Counters)
+    } else if let Some(passed) = e.passed_conntrack {
+        // Conntrack let this very packet through without an entry (it judged it invalid), or the packet never
+        // got past conntrack's hook: a rule before it (raw table) dropped it. Noise cannot fool either.
+        return if passed {
+            Verdict::exact(Invalid, Attribution::Hook)
+        } else {
+            Verdict::exact(NetfilterRule, Attribution::Hook)
+        };
     } else if d.invalid != 0 || d.error != 0 {
         Verdict::uncertain(Invalid, NetfilterRule)
     } else if d.insert_failed != 0 && !e.insert_failed_noisy {
@@ -301,5 +317,25 @@ mod tests {
             (v.reason, v.attribution, v.disagreement),
             (Reason::NetfilterRule, Attribution::Counters, true)
         );
+    }
+
+    #[test]
+    fn the_conntrack_hook_settles_ct_less_drops_amid_noise() {
+        let mut e = ev(false, INVALID);
+        e.passed_conntrack = Some(false);
+        assert_eq!(
+            classify(&e),
+            Verdict::exact(Reason::NetfilterRule, Attribution::Hook),
+            "never got past conntrack: a rule before it"
+        );
+        e.passed_conntrack = Some(true);
+        assert_eq!(classify(&e), Verdict::exact(Reason::Invalid, Attribution::Hook));
+        // Conntrack's own drops still come from the counters; an attached entry or NOTRACK still decides first.
+        e.delta.drop = 1;
+        e.passed_conntrack = Some(false);
+        assert_eq!(classify(&e).reason, Reason::TableFull);
+        let mut e = ev(true, CtStat::default());
+        e.passed_conntrack = Some(false);
+        assert_eq!(classify(&e).attribution, Attribution::CtAttached);
     }
 }

@@ -50,6 +50,9 @@ mod attribution;
 pub use attribution::{Attribution, Evidence, Verdict, classify};
 
 /// Set in `DropEvent::flags`.
+/// Netns the conntrack hook can be armed in at once (each holds 8 netfilter links and a netns reference).
+pub const MAX_HOOKED_NETNS: u32 = 64;
+
 pub mod flags {
     /// The packet came from a local socket in process context (no input device yet):
     /// `pid`/`comm` name the sender.
@@ -134,6 +137,12 @@ pub struct KernelLayout {
     /// nf_conntrack's split BTF); 0 when unknown (evicted flows are then not reported).
     pub ct_tuple: u32,
     pub ct_net: u32,
+    /// struct net: `nf.hooks_ipv4` and `nf.hooks_ipv6` (arrays of `struct nf_hook_entries *` by hook number);
+    /// struct nf_hook_entries: `hooks` (16-byte `{hook, priv}` entries after a u16 count).
+    pub net_hooks_ipv4: u32,
+    pub net_hooks_ipv6: u32,
+    pub entries_hooks: u32,
+    pub _pad: u32,
     pub nf_hook_slow_start: u64,
     pub nf_hook_slow_end: u64,
 }
@@ -352,7 +361,7 @@ mod tests {
     fn abi_sizes_are_stable() {
         // The ring buffer record and the globals are an ABI between the two sides.
         assert_eq!(core::mem::size_of::<DropEvent>(), 184);
-        assert_eq!(core::mem::size_of::<KernelLayout>(), 112);
+        assert_eq!(core::mem::size_of::<KernelLayout>(), 128);
         assert_eq!(core::mem::size_of::<Baseline>(), 40);
         assert_eq!(core::mem::size_of::<PendingVerdict>(), 88);
         assert_eq!(core::mem::size_of::<ModuleEvent>(), 248);

@@ -30,6 +30,10 @@ pub(crate) static LAYOUT: KernelLayout = KernelLayout {
     bpf_array_pptrs: 0,
     ct_tuple: 0,
     ct_net: 0,
+    net_hooks_ipv4: 0,
+    net_hooks_ipv6: 0,
+    entries_hooks: 0,
+    _pad: 0,
     nf_hook_slow_start: 0,
     nf_hook_slow_end: 0,
 };

@@ -2,9 +2,9 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use ctrace_common::{Baseline, NetnsReasonKey, Reason, UNCERTAIN_BIT, losses, totals_index};
+use ctrace_common::{Baseline, MAX_HOOKED_NETNS, NetnsReasonKey, Reason, UNCERTAIN_BIT, losses, totals_index};
 
 /// Per-event records for userspace. When it is full the event is counted in `LOSSES`, never silently dropped.
 #[map]
@@ -28,6 +28,29 @@ pub static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(losses::COUN
 /// Inode numbers are reused, so each slot also holds the netns's generation (cookie or `struct net`).
 #[map]
 pub static BASELINE: LruPerCpuHashMap<u32, Baseline> = LruPerCpuHashMap::with_max_entries(16384, 0);
+
+/// Netns where userspace armed the conntrack hook (netfilter programs right before and right after
+/// conntrack's hook, 6.4+), by inode, with the bpf_ktime from which its evidence counts.
+#[map]
+pub static HOOKED: HashMap<u32, u64> = HashMap::with_max_entries(MAX_HOOKED_NETNS, 0);
+
+/// The addresses of `ipv4_conntrack_local` and `ipv6_conntrack_local` (conntrack's LOCAL_OUT hook
+/// functions), set by userspace from kallsyms (again after nf_conntrack reloads); 0 when unknown.
+#[map]
+pub static CT_HOOK_FNS: Array<u64> = Array::with_max_entries(2, 0);
+
+/// Per-CPU scratch space for one read of a `struct nf_hook_entries` (count and the first HOOK_ENTRIES).
+#[map]
+pub static HOOK_SCRATCH: PerCpuArray<[u64; 1 + 2 * HOOK_ENTRIES]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Hook functions looked at per hook (netns rarely register more than a dozen at LOCAL_OUT).
+pub const HOOK_ENTRIES: usize = 24;
+
+/// Packets (skb address -> bpf_ktime) that left conntrack's hook without an entry in their current pass
+/// through the hooks; written by the hook programs userspace assembles (probes/conntrack_hook.rs), which
+/// also delete a packet's mark when it enters the hooks again.
+#[map]
+pub static CT_PASSED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(8192, 0);
 
 /// Per-CPU scratch space for one read of a netns's conntrack counters (struct ip_conntrack_stat).
 #[map]

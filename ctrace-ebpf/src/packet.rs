@@ -20,7 +20,7 @@ unsafe fn read<T>(addr: u64) -> Option<T> {
 
 /// The address of the skb's network header and its first byte (IP version << 4 | IHL).
 #[inline(always)]
-unsafe fn network_header(skb: u64) -> Option<(u64, u8)> {
+pub unsafe fn network_header(skb: u64) -> Option<(u64, u8)> {
     unsafe {
         let head: u64 = read(skb + layout!(skb_head) as u64)?;
         let nh_off: u16 = read(skb + layout!(skb_network_header) as u64)?;

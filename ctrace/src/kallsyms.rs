@@ -32,6 +32,30 @@ fn find_range(lines: impl Iterator<Item = String>, name: &str) -> anyhow::Result
     Ok(None)
 }
 
+/// The address of each text symbol in `names` (exact names, in vmlinux or a loaded module); None when
+/// absent or hidden (kptr_restrict shows 0).
+pub fn addresses(names: &[&str]) -> anyhow::Result<Vec<Option<u64>>> {
+    let f = std::fs::File::open("/proc/kallsyms").context("cannot open /proc/kallsyms")?;
+    Ok(addresses_in(BufReader::new(f).lines().map_while(Result::ok), names))
+}
+
+fn addresses_in(lines: impl Iterator<Item = String>, names: &[&str]) -> Vec<Option<u64>> {
+    let mut found = vec![None; names.len()];
+    for line in lines {
+        let mut it = line.split_whitespace();
+        let (Some(addr), Some("t" | "T"), Some(sym)) = (it.next(), it.next(), it.next()) else {
+            continue;
+        };
+        if let Some(i) = names.iter().position(|n| *n == sym)
+            && let Ok(addr) = u64::from_str_radix(addr, 16)
+            && addr != 0
+        {
+            found[i] = Some(addr);
+        }
+    }
+    found
+}
+
 /// The exact text symbol of each function in `names`: the name itself or a compiler clone of it
 /// (`name.isra.0`, `name.constprop.0`), in vmlinux or a loaded module; None when absent. One pass
 /// over /proc/kallsyms (it is large, and slow to read on small machines).
@@ -116,5 +140,19 @@ mod tests {
     fn hidden_addresses_are_absent() {
         let lines = ["0000000000000000 T nf_hook_slow", "0000000000000000 T next"].map(String::from);
         assert_eq!(find_range(lines.into_iter(), "nf_hook_slow").unwrap(), None);
+    }
+
+    #[test]
+    fn finds_addresses_in_modules_too() {
+        let lines = [
+            "ffffffff81000000 T _stext",
+            "ffffffffc0a01230 t ipv4_conntrack_local\t[nf_conntrack]",
+            "0000000000000000 t ipv6_conntrack_local\t[nf_conntrack]",
+        ]
+        .map(String::from);
+        assert_eq!(
+            addresses_in(lines.into_iter(), &["ipv4_conntrack_local", "ipv6_conntrack_local"]),
+            [Some(0xffffffffc0a01230), None]
+        );
     }
 }

@@ -62,6 +62,11 @@ pub fn resolve(btf: &Btf) -> anyhow::Result<(KernelLayout, DropMatch)> {
         bpf_array_pptrs: off("bpf_array", "pptrs")?,
         ct_tuple: 0,
         ct_net: 0,
+        // The conntrack hook's "does conntrack run for this family here" check; 0 = unknown (no hook evidence).
+        net_hooks_ipv4: off("net", "nf.hooks_ipv4").unwrap_or(0),
+        net_hooks_ipv6: off("net", "nf.hooks_ipv6").unwrap_or(0),
+        entries_hooks: off("nf_hook_entries", "hooks").unwrap_or(0),
+        _pad: 0,
         nf_hook_slow_start: 0,
         nf_hook_slow_end: 0,
     };

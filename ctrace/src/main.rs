@@ -6,12 +6,14 @@
 //! conntrack drop packets in a throwaway netns.
 
 mod aggregate;
+mod baselines;
 mod btf;
 mod check;
 mod cli;
 mod ctstat;
 mod demo;
 mod event;
+mod hook_steer;
 mod kallsyms;
 mod layout;
 mod modules;

@@ -626,6 +626,9 @@ pub fn summary_text(s: &Summary) -> String {
             a.no_baseline, a.probe_disagreements, a.baseline_resets
         );
     }
+    if a.baselines_pruned > 0 {
+        let _ = writeln!(o, "baselines of {} gone netns pruned", a.baselines_pruned);
+    }
     if !s.netns.is_empty() {
         let _ = writeln!(o, "drops by netns:");
         for n in &s.netns {

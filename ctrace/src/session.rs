@@ -127,6 +127,8 @@ struct Session {
     sysctls_frozen: bool,
     /// A sysctl write was seen: refresh the snapshot soon.
     sysctl_dirty: bool,
+    /// Where to arm the conntrack hook.
+    hook: crate::hook_steer::Steering,
 }
 
 impl Session {
@@ -154,6 +156,9 @@ impl Session {
         }
         if !d.evicted {
             self.tally.add(&d, 1);
+        }
+        if d.uncertain() {
+            self.hook.uncertain_drop(d.netns);
         }
         if let Admit::Print = self.limiter.admit(&d, 1) {
             let mut ctx = self.ctx(d.netns);
@@ -455,6 +460,7 @@ pub async fn run(args: RunArgs, out: Output, hooks: Hooks) -> anyhow::Result<Sum
         own_netns: netns::current_inode().unwrap_or(0),
         sysctls_frozen: false,
         sysctl_dirty: false,
+        hook: Default::default(),
     };
 
     // Counters before attaching: they seed the per-CPU baselines and the summary's deltas.
@@ -524,6 +530,7 @@ carry no flow)",
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut pruner = crate::baselines::Pruner::default();
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut ticks = 0u64;
@@ -564,6 +571,7 @@ carry no flow)",
                 let mut guard = guard.context("ring buffer poll failed")?;
                 s.drain(guard.get_inner_mut());
                 guard.clear_ready();
+                s.hook.steer(&s.registry, &mut tracer, &mut s.out);
             }
             records = module_ready => {
                 for r in records.context("module ring buffer poll failed")? {
@@ -590,6 +598,7 @@ carry no flow)",
                 if ticks.is_multiple_of(5) {
                     s.registry.rescan();
                     s.refresh_netns_sysctls();
+                    pruner.prune(&s.registry, &mut tracer);
                 }
             }
             _ = sigint.recv() => break,
@@ -604,7 +613,9 @@ carry no flow)",
     let per_netns = tracer.netns_totals()?;
     let lost = tracer.lost_events()?;
     let lost_split = tracer.lost_netns_split()?;
-    let attribution = tracer.attribution_stats()?;
+    let mut attribution = tracer.attribution_stats()?;
+    attribution.baselines_pruned = pruner.pruned;
+    attribution.hooked_netns = s.hook.armed;
     let mut events = events.into_inner();
     let mut module_events = module_events.map(AsyncFd::into_inner);
     let mut sysctl_events = sysctl_events.map(AsyncFd::into_inner);
@@ -722,6 +733,7 @@ mod tests {
             own_netns: 0,
             sysctls_frozen: false,
             sysctl_dirty: false,
+            hook: Default::default(),
         }
     }
 

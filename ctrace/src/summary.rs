@@ -89,6 +89,10 @@ pub struct AttributionStats {
     pub probe_disagreements: u64,
     /// Baselines found stale and restarted from zero: a reused netns inode number or a reload.
     pub baseline_resets: u64,
+    /// Baselines deleted because their netns was gone (counted in userspace; not a fallback).
+    pub baselines_pruned: u64,
+    /// Netns the conntrack hook was armed in (after an uncertain drop there).
+    pub hooked_netns: u64,
 }
 
 #[derive(Clone, Debug, Default)]

@@ -17,6 +17,8 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 
 pub mod packets;
+pub mod threads;
+pub mod topology;
 
 /// The ctrace binary under test (`cargo xtask test` sets CTRACE_BIN).
 pub fn ctrace_bin() -> PathBuf {
@@ -58,10 +60,7 @@ pub struct TestNetns {
 impl TestNetns {
     /// Creates the netns with loopback up and conntrack enabled (IPv4 and IPv6) by a conntrack match in OUTPUT.
     pub fn new(tag: &str) -> anyhow::Result<TestNetns> {
-        let name = format!("ctrace-test-{}-{tag}", std::process::id());
-        run(&["ip", "netns", "add", &name])?;
-        let ns = TestNetns { name };
-        ns.exec(&["ip", "link", "set", "lo", "up"])?;
+        let ns = TestNetns::bare(tag)?;
         for tool in ["iptables", "ip6tables"] {
             ns.exec(&[
                 tool,
@@ -76,6 +75,15 @@ impl TestNetns {
                 "ACCEPT",
             ])?;
         }
+        Ok(ns)
+    }
+
+    /// Creates the netns with loopback up and no ruleset: conntrack does not track its traffic.
+    pub fn bare(tag: &str) -> anyhow::Result<TestNetns> {
+        let name = format!("ctrace-test-{}-{tag}", std::process::id());
+        run(&["ip", "netns", "add", &name])?;
+        let ns = TestNetns { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"])?;
         Ok(ns)
     }
 
@@ -253,6 +261,9 @@ impl Drop for SysctlGuard {
     }
 }
 
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(120);
+const STOP_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// `ctrace run --json ...` as a child; stdout lines are collected as JSON values.
 pub struct Ctrace {
     child: Child,
@@ -261,7 +272,9 @@ pub struct Ctrace {
 }
 
 impl Ctrace {
-    /// Starts ctrace and waits (at most 30 s) until its probes are attached (the `mode` event).
+    /// Starts ctrace and waits until its probes are attached (the `mode` event), which must name the mode in
+    /// CTRACE_TEST_EXPECT_MODE when that is set (the VM runs set it). The bounds are generous for emulated
+    /// guests, where start-up (BTF parsing, verification) is slow.
     pub fn start(args: &[&str]) -> anyhow::Result<Ctrace> {
         let mut child = Command::new(ctrace_bin())
             .arg("run")
@@ -285,12 +298,21 @@ impl Ctrace {
             lines: rx,
             events: vec![],
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + ATTACH_TIMEOUT;
         while Instant::now() < deadline {
             match c.lines.recv_timeout(Duration::from_millis(200)) {
                 Ok(line) => {
                     let v: Value = serde_json::from_str(&line).with_context(|| format!("not JSON: {line}"))?;
                     let is_mode = v["event"] == "mode";
+                    if is_mode
+                        && let Ok(want) = std::env::var("CTRACE_TEST_EXPECT_MODE")
+                        && v["mode"] != want.as_str()
+                    {
+                        bail!(
+                            "ctrace attached in {} mode, this run expects {want} mode: {v}",
+                            v["mode"]
+                        );
+                    }
                     c.events.push(v);
                     if is_mode {
                         return Ok(c);
@@ -304,10 +326,30 @@ impl Ctrace {
                 Err(mpsc::RecvTimeoutError::Disconnected) => bail!("ctrace closed stdout before attaching"),
             }
         }
-        bail!("ctrace did not attach within 30s")
+        bail!("ctrace did not attach within {ATTACH_TIMEOUT:?}")
     }
 
-    /// Sends SIGINT and collects the rest of the output (at most 30 s). Returns the summary.
+    /// Collects output until an event for which `pred` is true arrives (returned) or `timeout` passes (None).
+    pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> anyhow::Result<Option<Value>> {
+        let deadline = Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left.min(Duration::from_millis(200))) {
+                Ok(line) => {
+                    let v: Value = serde_json::from_str(&line).with_context(|| format!("not JSON: {line}"))?;
+                    let hit = pred(&v);
+                    self.events.push(v.clone());
+                    if hit {
+                        return Ok(Some(v));
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => bail!("ctrace closed stdout"),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Sends SIGINT and collects the rest of the output. Returns the summary.
     pub fn stop(mut self) -> anyhow::Result<(Vec<Value>, Value)> {
         // Give the one-second counter poll a chance to see the last traffic.
         std::thread::sleep(Duration::from_millis(1500));
@@ -315,7 +357,7 @@ impl Ctrace {
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::SIGINT,
         )?;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
             match self.lines.recv_timeout(Duration::from_millis(200)) {
                 Ok(line) => self
@@ -324,7 +366,7 @@ impl Ctrace {
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() > deadline => {
                     let _ = self.child.kill();
-                    bail!("ctrace did not exit within 30s of SIGINT");
+                    bail!("ctrace did not exit within {STOP_TIMEOUT:?} of SIGINT");
                 }
                 Err(_) => {}
             }

@@ -34,7 +34,21 @@ impl RawTcp {
     /// Sends one 20-byte segment from 127.0.0.1:`sport` to `dst`:`dport`. SYN|FIN is what conntrack's
     /// `tcp_error()` rejects as "invalid tcp flag combination": `invalid` +1, the packet goes on untracked.
     pub fn send(&self, dst: Ipv4Addr, sport: u16, dport: u16, seq: u32, flags: u8) -> io::Result<usize> {
-        let segment = tcp_segment(Ipv4Addr::LOCALHOST, dst, sport, dport, seq, flags);
+        self.send_from(Ipv4Addr::LOCALHOST, dst, sport, dport, seq, flags)
+    }
+
+    /// As [`RawTcp::send`] from `src`, which must be the address the route to `dst` leaves from (the kernel
+    /// fills in the IP header; the TCP checksum covers both addresses).
+    pub fn send_from(
+        &self,
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        sport: u16,
+        dport: u16,
+        seq: u32,
+        flags: u8,
+    ) -> io::Result<usize> {
+        let segment = tcp_segment(src, dst, sport, dport, seq, flags);
         let addr = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: 0,

@@ -68,6 +68,26 @@ pub(crate) fn iptables_files() -> Result<Vec<(PathBuf, String)>> {
     Ok(files)
 }
 
+/// Host programs for the guest, `(host path, guest path)`, each with every shared library it loads (at the same
+/// paths, the ELF loader included). A host path may be a symbolic link.
+pub(crate) fn program_files(programs: &[(&str, &str)]) -> Result<Vec<(PathBuf, String)>> {
+    let mut files = Vec::new();
+    let mut libraries = BTreeSet::new();
+    for &(host, guest) in programs {
+        let path = Path::new(host);
+        ensure!(
+            path.is_file(),
+            "{host} does not exist: install the Debian package that provides it"
+        );
+        let out = crate::setup::capture(Command::new("ldd").arg(path))
+            .with_context(|| format!("could not list the libraries of {host}"))?;
+        libraries.extend(parse_ldd(&out).with_context(|| format!("ldd {host}: a library is missing"))?);
+        files.push((path.to_path_buf(), guest.to_string()));
+    }
+    files.extend(libraries.into_iter().map(|lib| (PathBuf::from(&lib), lib)));
+    Ok(files)
+}
+
 /// The regular files in `host_dir` (symbolic links to files included, as copies), sorted, as
 /// `(host path, guest_dir/name)` pairs; subdirectories are skipped.
 fn dir_files(host_dir: &Path, guest_dir: &str) -> Result<Vec<(PathBuf, String)>> {

@@ -13,6 +13,7 @@ mod setup;
 mod test;
 mod vm;
 mod vm_check;
+mod vm_matrix;
 mod vm_reload_tests;
 mod vm_tests;
 

@@ -26,6 +26,9 @@ pub struct TestArgs {
     /// Run only the unit tests (`cargo test` of the workspace's host crates).
     #[arg(long)]
     unit_only: bool,
+    /// Run only the steps whose name contains this text (case-insensitive), e.g. `--step matrix`.
+    #[arg(long, value_name = "TEXT")]
+    step: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -63,6 +66,12 @@ const STEPS: &[Step] = &[
     Step::new("unit tests", Kind::Unit, &[], unit_tests),
     Step::new("host integration tests", Kind::Host, HOST_PACKAGES, host_tests),
     Step::new("VM tests", Kind::Vm, VM_PACKAGES, crate::vm_tests::run_all),
+    Step::new(
+        "VM attribution matrix",
+        Kind::Vm,
+        VM_PACKAGES,
+        crate::vm_matrix::run_all,
+    ),
     Step::new("VM ctrace check", Kind::Vm, VM_PACKAGES, crate::vm_check::run),
     Step::new(
         "VM module reload tests",
@@ -82,10 +91,19 @@ pub fn test(ws: &Path, args: &TestArgs) -> Result<()> {
     } else {
         &[Kind::Unit, Kind::Host, Kind::Vm]
     };
-    let steps: Vec<&Step> = STEPS.iter().filter(|step| kinds.contains(&step.kind)).collect();
+    let named = |step: &Step| {
+        args.step
+            .as_ref()
+            .is_none_or(|text| step.name.to_lowercase().contains(&text.to_lowercase()))
+    };
+    let steps: Vec<&Step> = STEPS
+        .iter()
+        .filter(|step| kinds.contains(&step.kind) && named(step))
+        .collect();
     ensure!(
         !steps.is_empty(),
-        "no test step matches the options given (there are no VM test steps yet)"
+        "no test step matches the options given; the steps are: {}",
+        STEPS.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
     );
 
     let setup_start = Instant::now();

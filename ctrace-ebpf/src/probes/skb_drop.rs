@@ -108,6 +108,8 @@ unsafe fn try_kfree_skb(ctx: &BtfTracePointContext) {
         if evidence.has_ct {
             ev.flags |= flags::HAS_CT;
             ev.ctinfo = (nfct & 7) as u8;
+        } else if !evidence.untracked {
+            evidence.passed_conntrack = conntrack_hook_evidence(skb as u64, net as u64, netns, ev.ts_ns);
         }
         if dev.is_null() && !sk.is_null() {
             ev.flags |= flags::LOCAL_SENDER;
@@ -172,6 +174,74 @@ fn opaque_verdict(v: Verdict) -> Verdict {
 fn opaque<T: Copy>(v: T) -> T {
     // SAFETY: a read of our own stack slot holding a valid `T`.
     unsafe { bpf_probe_read_kernel(&v as *const T) }.unwrap_or(v)
+}
+
+/// Where the conntrack hook is armed and conntrack runs for the packet's family: whether this packet left
+/// conntrack's hook without an entry in its current pass (its mark is consumed). A stale mark is another
+/// packet's at the same address, left by a pass this packet did not make (it never entered the IPv4/IPv6
+/// hooks): no evidence either way.
+#[inline(always)]
+unsafe fn conntrack_hook_evidence(skb: u64, net: u64, netns: u32, now: u64) -> Option<bool> {
+    unsafe {
+        let since = *maps::HOOKED.get(netns)?;
+        if now < since {
+            return None;
+        }
+        let family = match packet::network_header(skb)?.1 >> 4 {
+            4 => 0,
+            6 => 1,
+            _ => return None,
+        };
+        if !conntrack_runs(net, family) {
+            return None;
+        }
+        let Some(&marked) = maps::CT_PASSED.get(skb) else {
+            return Some(false);
+        };
+        let _ = maps::CT_PASSED.remove(skb);
+        (now.wrapping_sub(marked) < FRESH_NS).then_some(true)
+    }
+}
+
+/// Whether conntrack's LOCAL_OUT hook function is registered for `family` (0 IPv4, 1 IPv6) in `net`.
+/// Conntrack registers its hooks per netns and family only while some rule needs it; without them every
+/// packet of the family is ct-less, and a mark would mean nothing. (PRE_ROUTING comes with LOCAL_OUT.)
+#[inline(always)]
+unsafe fn conntrack_runs(net: u64, family: u32) -> bool {
+    const NF_INET_LOCAL_OUT: u64 = 3;
+    unsafe {
+        let Some(&function) = maps::CT_HOOK_FNS.get(family) else {
+            return false;
+        };
+        let hooks = if family == 0 {
+            layout!(net_hooks_ipv4)
+        } else {
+            layout!(net_hooks_ipv6)
+        };
+        if function == 0 || hooks == 0 {
+            return false;
+        }
+        let entries = read_u64(net + hooks as u64 + 8 * NF_INET_LOCAL_OUT).unwrap_or(0);
+        let Some(scratch) = maps::HOOK_SCRATCH.get_ptr_mut(0) else {
+            return false;
+        };
+        let buf = &mut *(scratch as *mut [u8; 8 * (1 + 2 * maps::HOOK_ENTRIES)]);
+        if entries == 0 || aya_ebpf::helpers::bpf_probe_read_kernel_buf(entries as *const u8, buf).is_err() {
+            return false;
+        }
+        let scratch = &*scratch;
+        // u16 num_hook_entries first; `hooks` (usually at 8) holds {hook, priv} pairs.
+        let count = (scratch[0] & 0xffff) as usize;
+        let first = layout!(entries_hooks) as usize / 8;
+        let mut i = 0;
+        while i < maps::HOOK_ENTRIES {
+            if i < count && scratch.get(first + 2 * i).copied() == Some(function) {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
 }
 
 /// Words of struct ip_conntrack_stat read at once.

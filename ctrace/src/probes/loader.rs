@@ -2,15 +2,17 @@
 //! running kernel's BTF, plus the conntrack kprobes in kprobe mode; seeds the per-CPU baselines;
 //! reads the exact in-kernel totals.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, path::Path};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf},
     programs::{BtfTracePoint, KProbe, kprobe::KProbeLinkId},
 };
-use ctrace_common::{Baseline, CtStat, NetnsReasonKey, Reason, UNCERTAIN_BIT, baseline_state, losses, totals_index};
+use ctrace_common::{
+    Baseline, CtStat, MAX_HOOKED_NETNS, NetnsReasonKey, Reason, UNCERTAIN_BIT, baseline_state, losses, totals_index,
+};
 
 use crate::{btf::Btf, ctstat::CtStats, layout, summary::Split};
 
@@ -38,6 +40,8 @@ pub struct Tracer {
     /// nf_ct_delete, when evictions can be listed (kprobe mode, offsets of struct nf_conn known).
     eviction_target: Option<String>,
     eviction_link: Option<KProbeLinkId>,
+    /// The conntrack hook (6.4+), or why this kernel cannot have it.
+    conntrack_hook: Result<super::conntrack_hook::ConntrackHook, String>,
 }
 
 impl Tracer {
@@ -132,6 +136,9 @@ reload can reset its sysctls"
         let sysctls_unwatched = crate::sysctl_watch::attach(&mut ebpf)
             .err()
             .map(|e| format!("sysctl writes are not watched: {}", crate::brief(&e)));
+        let conntrack_hook = super::conntrack_hook::ConntrackHook::load(&ebpf, &btf, kernel_layout.skb_nfct)
+            .map_err(|e| crate::brief(&e));
+        set_conntrack_hook_functions(&mut ebpf)?;
         Ok(Tracer {
             ebpf,
             kprobe_links,
@@ -139,6 +146,7 @@ reload can reset its sysctls"
             sysctls_unwatched,
             eviction_target,
             eviction_link: None,
+            conntrack_hook,
         })
     }
 
@@ -188,6 +196,8 @@ reload can reset its sysctls"
         for k in keys {
             let _ = baseline.insert(k, PerCpuValues::try_from(vec![zero; ncpus])?, 0);
         }
+        // The new module's hook functions are elsewhere.
+        set_conntrack_hook_functions(&mut self.ebpf)?;
         if self.kprobe_links.is_empty() && self.eviction_target.is_none() {
             return Ok(vec![]);
         }
@@ -279,12 +289,76 @@ reload can reset its sysctls"
         self.percpu_sum("LOSSES", losses::NETNS_SPLIT)
     }
 
+    /// Why the conntrack hook cannot be armed on this kernel (None: it can).
+    pub fn conntrack_hook_unavailable(&self) -> Option<&str> {
+        self.conntrack_hook.as_ref().err().map(String::as_str)
+    }
+
+    /// The netns where the conntrack hook is armed.
+    pub fn hooked_netns(&self) -> Vec<u32> {
+        self.conntrack_hook
+            .as_ref()
+            .map(|h| h.armed().collect())
+            .unwrap_or_default()
+    }
+
+    /// Arms the conntrack hook in `netns`, entered through `path`. Ok(false): not possible here, or
+    /// MAX_HOOKED_NETNS are armed already.
+    pub fn arm_conntrack_hook(&mut self, netns: u32, path: &Path) -> anyhow::Result<bool> {
+        let Ok(hook) = self.conntrack_hook.as_mut() else {
+            return Ok(false);
+        };
+        if hook.is_armed(netns) {
+            return Ok(true);
+        }
+        if hook.armed().count() >= MAX_HOOKED_NETNS as usize {
+            return Ok(false);
+        }
+        let since_ns = hook.arm(netns, path)?;
+        let mut hooked: BpfHashMap<_, u32, u64> =
+            BpfHashMap::try_from(self.ebpf.map_mut("HOOKED").context("HOOKED map missing")?)?;
+        hooked.insert(netns, since_ns, 0)?;
+        Ok(true)
+    }
+
+    /// Unlinks the conntrack hook from `netns` (first the kernel side stops using its evidence).
+    pub fn disarm_conntrack_hook(&mut self, netns: u32) {
+        if let Some(map) = self.ebpf.map_mut("HOOKED")
+            && let Ok(mut hooked) = BpfHashMap::<_, u32, u64>::try_from(map)
+        {
+            let _ = hooked.remove(&netns);
+        }
+        if let Ok(hook) = self.conntrack_hook.as_mut() {
+            hook.disarm(netns);
+        }
+    }
+
+    /// The netns that have a counter baseline in the kernel.
+    pub fn baseline_netns(&self) -> anyhow::Result<Vec<u32>> {
+        let map: PerCpuHashMap<_, u32, Baseline> =
+            PerCpuHashMap::try_from(self.ebpf.map("BASELINE").context("BASELINE map missing")?)?;
+        Ok(map.keys().filter_map(Result::ok).collect())
+    }
+
+    /// Deletes the baselines of netns that are gone.
+    pub fn forget_baselines(&mut self, netns: &[u32]) -> anyhow::Result<()> {
+        let mut map: PerCpuHashMap<_, u32, Baseline> =
+            PerCpuHashMap::try_from(self.ebpf.map_mut("BASELINE").context("BASELINE map missing")?)?;
+        for n in netns {
+            // Already gone is fine: the kernel's LRU may have evicted it meanwhile.
+            let _ = map.remove(n);
+        }
+        Ok(())
+    }
+
     /// How often attribution had to fall back, and why.
     pub fn attribution_stats(&self) -> anyhow::Result<crate::summary::AttributionStats> {
         Ok(crate::summary::AttributionStats {
             no_baseline: self.percpu_sum("LOSSES", losses::NO_BASELINE)?,
             probe_disagreements: self.percpu_sum("LOSSES", losses::DISAGREEMENTS)?,
             baseline_resets: self.percpu_sum("LOSSES", losses::BASELINE_RESETS)?,
+            baselines_pruned: 0,
+            hooked_netns: 0,
         })
     }
 }
@@ -293,6 +367,17 @@ reload can reset its sysctls"
 /// with the packet accepted: the counter then carries noise.
 fn insert_failed_counts_resolved_clashes(release: &str) -> bool {
     crate::check::facts::KernelVersion::parse(release).is_some_and(|k| !k.at_least(5, 10))
+}
+
+/// Tells the kfree_skb program where conntrack's LOCAL_OUT hook functions are (to see whether conntrack
+/// runs for a family in a netns); 0 where not found (nf_conntrack not loaded): no hook evidence then.
+fn set_conntrack_hook_functions(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let found = crate::kallsyms::addresses(&["ipv4_conntrack_local", "ipv6_conntrack_local"])?;
+    let mut fns: Array<_, u64> = Array::try_from(ebpf.map_mut("CT_HOOK_FNS").context("CT_HOOK_FNS map missing")?)?;
+    for (i, addr) in found.into_iter().enumerate() {
+        fns.set(i as u32, addr.unwrap_or(0), 0)?;
+    }
+    Ok(())
 }
 
 /// Writes each netns's current per-CPU counters as the starting point of attribution.

@@ -10,6 +10,7 @@
 //! verdicts and the kernel's reason text. fentry is never used on nf_conntrack's functions: it
 //! would pin the module, so `modprobe -r nf_conntrack` would fail while ctrace runs.
 
+pub mod conntrack_hook;
 pub mod kprobe;
 pub mod loader;
 
@@ -51,14 +52,15 @@ impl Choice {
 pub const TRACEPOINT_EXACTNESS: &str = "how exact: every packet that netfilter drops is seen at skb:kfree_skb; \
 a NOTRACKed packet or one carrying a conntrack entry is an exact netfilter_rule; conntrack's per-CPU drop and \
 insert_failed counters name table_full and insert_failed exactly; a drop without an entry after conntrack counted \
-invalid packets that it let through is reported uncertain (invalid or netfilter_rule), never guessed; early_drop \
-evictions are counted from the kernel counters each second, without the evicted flow.";
+invalid packets that it let through is reported uncertain (invalid or netfilter_rule), never guessed, and on \
+6.4+ arms the conntrack hook in that netns, after which such drops are exact; early_drop evictions are counted \
+from the kernel counters each second, without the evicted flow.";
 
 pub const KPROBE_EXACTNESS: &str = "how exact: every packet that netfilter drops is seen at skb:kfree_skb; \
 kprobes on early_drop, nf_ct_resolve_clash and nf_(ct_)l4proto_log_invalid name table_full, unresolved \
 clashes and invalid packets for the very skb (checked against its headers and conntrack's counters), with the \
 kernel's reason text; NOTRACK and attached entries prove ruleset drops; what neither settles is reported \
-uncertain; early_drop evictions are counted exactly from the kernel counters and, while a table is over 90% \
+uncertain (and on 6.4+ arms the conntrack hook in that netns, which settles later ones); early_drop evictions are counted exactly from the kernel counters and, while a table is over 90% \
 full, listed one by one with the evicted entry's flow.";
 
 /// Kprobes are usable when the kernel exposes the kprobe PMU (CONFIG_KPROBE_EVENTS).
