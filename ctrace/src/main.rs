@@ -34,7 +34,7 @@ use cli::{Cli, Command};
 use output::Output;
 
 fn make_output(json: bool, offset: time::UtcOffset) -> Output {
-    let stdout: Box<dyn std::io::Write + Send> = Box::new(std::io::stdout());
+    let stdout: Box<dyn std::io::Write + Send> = Box::new(output::Stdout);
     if json {
         Output::json(stdout)
     } else {

@@ -37,6 +37,47 @@ struct Row {
     suffix: String,
 }
 
+/// Whether stdout's reader has gone (`ctrace run --json | head -1`): a write failed with EPIPE, or the
+/// pipe reports an error without one (a quiet run writes nothing for long stretches). The run then ends
+/// cleanly, as `grep` does.
+pub fn stdout_closed() -> bool {
+    if STDOUT_BROKEN.load(std::sync::atomic::Ordering::Relaxed) {
+        return true;
+    }
+    let mut fd = libc::pollfd {
+        fd: libc::STDOUT_FILENO,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    n == 1 && fd.revents & (libc::POLLERR | libc::POLLHUP) != 0
+}
+
+static STDOUT_BROKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// stdout, remembering a broken pipe (Rust ignores SIGPIPE, so writes fail with EPIPE instead).
+pub struct Stdout;
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        watch(std::io::stdout().write(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        watch(std::io::stdout().flush())
+    }
+}
+
+fn watch<T>(r: std::io::Result<T>) -> std::io::Result<T> {
+    if let Err(e) = &r
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        STDOUT_BROKEN.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    r
+}
+
 pub enum Output {
     Text {
         out: Box<dyn Write + Send>,

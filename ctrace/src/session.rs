@@ -587,6 +587,10 @@ carry no flow)",
             }
             _ = sysctl_settle => s.refresh_sysctls(),
             _ = tick.tick() => {
+                if crate::output::stdout_closed() {
+                    // Nobody reads the output any more (`| head`): detach and end as a finished run.
+                    break;
+                }
                 ticks += 1;
                 s.max = netns::conntrack_max();
                 s.refresh_sysctls();

@@ -133,3 +133,34 @@ fn sysctl_writes_name_the_writer() {
         assert_eq!(w["uid"], 0);
     }
 }
+
+/// `ctrace run --json | head -1`: once the reader is gone, ctrace detaches and exits 0 by itself, even on a
+/// quiet host where it has nothing more to write.
+#[test]
+fn a_closed_pipe_ends_the_run() {
+    use std::io::{BufRead as _, BufReader};
+    require_root();
+    let mut child = std::process::Command::new(ctrace_tests::ctrace_bin())
+        .args(["run", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    {
+        let mut reader = BufReader::new(child.stdout.take().unwrap());
+        reader.read_line(&mut first).unwrap();
+    } // the reader is dropped: the pipe's read end is closed
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("ctrace still runs 10 s after its stdout was closed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(first.contains("\"event\":\"mode\""), "{first}");
+    assert!(status.success(), "ctrace exited with {status}");
+}
