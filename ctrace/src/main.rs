@@ -1,77 +1,18 @@
-//! ctrace: shows which packets netfilter connection tracking dropped, and why.
-//!
-//! Layout: `cli` (flags) → `session` (the run loop) → `probes` (kernel hooks per mode) →
-//! `event` (decoding) → `aggregate`/`summary` → `output` (text, JSON). `btf`/`layout` resolve
-//! kernel offsets at start-up; `netns`/`ctstat` read the kernel's own counters; `demo` makes
-//! conntrack drop packets in a throwaway netns.
-
-mod aggregate;
-mod baselines;
-mod btf;
-mod check;
-mod cli;
-mod ctstat;
-mod demo;
-mod event;
-mod hook_steer;
-mod kallsyms;
-mod layout;
-mod modules;
-mod netns;
-mod output;
-mod privileges;
-mod probes;
-mod sanitize;
-mod session;
-mod summary;
-mod sysctl_state;
-mod sysctl_watch;
+//! The `ctrace` command: parses the flags, checks privileges and runs a subcommand from the library.
 
 use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser as _;
-use cli::{Cli, Command};
-use output::Output;
-
-fn make_output(json: bool, offset: time::UtcOffset) -> Output {
-    let stdout: Box<dyn std::io::Write + Send> = Box::new(output::Stdout);
-    if json {
-        Output::json(stdout)
-    } else {
-        Output::text(stdout, offset, std::io::stdout().is_terminal())
-    }
-}
+use ctrace::{
+    brief, check,
+    cli::{Cli, Command},
+    demo, make_output, privileges, session,
+};
 
 /// The local UTC offset, read while the process is still single-threaded (the `time` crate
 /// refuses to read it later).
 fn local_offset() -> time::UtcOffset {
     time::UtcOffset::current_local_offset().unwrap_or(time::UtcOffset::UTC)
-}
-
-/// An error as one readable line: the context chain, with a BPF verifier log cut to its verdict
-/// (the full log is thousands of lines; `RUST_LOG=debug` prints it).
-pub fn brief(e: &anyhow::Error) -> String {
-    let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-    let text = chain.join(": ");
-    let Some(at) = text.find("Verifier output:") else {
-        return text;
-    };
-    log::debug!("{text}");
-    let verdict: Vec<&str> = text[at..]
-        .lines()
-        .rev()
-        .map(str::trim)
-        .filter(|l| {
-            !l.is_empty() && !l.starts_with(':') && !l.starts_with("verification time") && !l.starts_with("processed")
-        })
-        .take(2)
-        .collect();
-    let verdict: Vec<&str> = verdict.into_iter().rev().collect();
-    format!(
-        "{} (verifier: {})",
-        text[..at].trim_end().trim_end_matches('.'),
-        verdict.join(" / ")
-    )
 }
 
 fn main() -> ExitCode {

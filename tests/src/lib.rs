@@ -207,23 +207,15 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// The sums over CPUs of `/proc/net/stat/nf_conntrack`, parsed by ctrace's own parser.
     pub fn parse(text: &str) -> anyhow::Result<Counters> {
-        let mut lines = text.lines();
-        let header: Vec<&str> = lines.next().context("empty stat file")?.split_whitespace().collect();
-        let mut c = Counters::default();
-        for line in lines {
-            for (name, v) in header.iter().zip(line.split_whitespace()) {
-                let v = u64::from_str_radix(v, 16)?;
-                match *name {
-                    "drop" => c.drop += v,
-                    "early_drop" => c.early_drop += v,
-                    "insert_failed" => c.insert_failed += v,
-                    "invalid" => c.invalid += v,
-                    _ => {}
-                }
-            }
-        }
-        Ok(c)
+        let stats = ctrace::ctstat::CtStats::parse(text)?;
+        Ok(Counters {
+            drop: stats.total("drop"),
+            early_drop: stats.total("early_drop"),
+            insert_failed: stats.total("insert_failed"),
+            invalid: stats.total("invalid"),
+        })
     }
 
     pub fn since(&self, before: &Counters) -> Counters {
