@@ -172,7 +172,15 @@ fn host_tests(ws: &Path) -> Result<()> {
         .canonicalize()
         .with_context(|| format!("could not resolve {}", bin.display()))?;
     let mut cmd = build::cargo(ws)?;
-    cmd.args(["test", "--package", "ctrace-tests", "--", "--test-threads=1"])
-        .env("CTRACE_BIN", &bin);
+    // --nocapture: each case prints the truth next to ctrace's totals, which belongs in the log.
+    cmd.args([
+        "test",
+        "--package",
+        "ctrace-tests",
+        "--",
+        "--test-threads=1",
+        "--nocapture",
+    ])
+    .env("CTRACE_BIN", &bin);
     setup::run(&mut cmd)
 }

@@ -377,9 +377,16 @@ fn entry_size(ctx: &mut Ctx) -> EntrySize {
     let vmlinux = "/sys/kernel/btf/vmlinux";
     if ctx.fs.exists(vmlinux) {
         let split = "/sys/kernel/btf/nf_conntrack";
-        let btf = Btf::from_file(ctx.fs.map(vmlinux)).and_then(|b| {
+        let read = |abs: &str| {
+            ctx.fs.read_bytes(abs).map_err(|e| crate::btf::BtfError::Read {
+                path: abs.to_owned(),
+                source: std::io::Error::other(e.reason()),
+            })
+        };
+        let btf = read(vmlinux).and_then(|data| Btf::parse(&data, None)).and_then(|b| {
             if ctx.fs.exists(split) {
-                b.with_split_file(ctx.fs.map(split))
+                read(split)
+                    .and_then(|data| Btf::parse(&data, Some(&b)))
                     .map(|s| (s, format!("{vmlinux} + {split}")))
             } else {
                 Ok((b, vmlinux.to_owned()))
