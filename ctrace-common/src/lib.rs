@@ -292,6 +292,10 @@ pub struct ModuleEvent {
     pub name: [u8; MODULE_NAME_LEN],
     /// The process's argv, NUL-separated, truncated.
     pub cmdline: [u8; CMDLINE_LEN],
+    /// 1 when the caller could load and unload modules: CAP_SYS_MODULE effective in the init user
+    /// namespace. Requests and tools of anyone else cannot change a module and raise no alert.
+    pub privileged: u32,
+    pub _pad: u32,
 }
 
 pub const SYSCTL_NAME_LEN: usize = 64;
@@ -330,6 +334,12 @@ pub struct ModuleLayout {
     pub delete_enter_name: u32,
     pub delete_exit_ret: u32,
     pub task_exit_code: u32,
+    /// task_struct.cred, cred.cap_effective (kernel_cap_t: a u64, or u32[2] before 6.3, the same bits),
+    /// cred.user_ns, user_namespace.level (0 = the init user namespace).
+    pub task_cred: u32,
+    pub cred_cap_effective: u32,
+    pub cred_user_ns: u32,
+    pub user_ns_level: u32,
 }
 
 #[cfg(feature = "user")]
@@ -364,8 +374,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<KernelLayout>(), 128);
         assert_eq!(core::mem::size_of::<Baseline>(), 40);
         assert_eq!(core::mem::size_of::<PendingVerdict>(), 88);
-        assert_eq!(core::mem::size_of::<ModuleEvent>(), 248);
-        assert_eq!(core::mem::size_of::<ModuleLayout>(), 40);
+        assert_eq!(core::mem::size_of::<ModuleEvent>(), 256);
+        assert_eq!(core::mem::size_of::<ModuleLayout>(), 56);
         assert_eq!(core::mem::size_of::<SysctlEvent>(), 168);
     }
 }

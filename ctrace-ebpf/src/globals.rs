@@ -139,6 +139,10 @@ pub(crate) static MODULE_LAYOUT: ctrace_common::ModuleLayout = ctrace_common::Mo
     delete_enter_name: 16,
     delete_exit_ret: 16,
     task_exit_code: 0,
+    task_cred: 0,
+    cred_cap_effective: 0,
+    cred_user_ns: 0,
+    user_ns_level: 0,
 };
 
 /// Reads one field of `MODULE_LAYOUT`.

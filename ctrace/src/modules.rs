@@ -40,6 +40,10 @@ pub fn layout(btf: &Btf, tracefs: &Path) -> anyhow::Result<ModuleLayout> {
         delete_enter_name: field("sys_enter_delete_module", "name_user")?,
         delete_exit_ret: field("sys_exit_delete_module", "ret")?,
         task_exit_code: off("task_struct", "exit_code")?,
+        task_cred: off("task_struct", "cred")?,
+        cred_cap_effective: off("cred", "cap_effective")?,
+        cred_user_ns: off("cred", "user_ns")?,
+        user_ns_level: off("user_namespace", "level")?,
     })
 }
 
@@ -190,6 +194,8 @@ pub struct Correlator {
     tools: HashMap<u32, Vec<RemovalTarget>>,
     /// Tools that reached delete_module: the kernel's answer was reported already.
     asked_kernel: std::collections::HashSet<u32>,
+    /// Module requests and tools of callers that could not change a module, ignored.
+    pub unprivileged: u64,
 }
 
 /// The modules a `modprobe -r ...` or `rmmod ...` command line asks to remove (empty if it is not
@@ -229,6 +235,16 @@ impl Correlator {
         holders_of: impl Fn(&str) -> Vec<String>,
         loaded: impl Fn(&str) -> bool,
     ) -> Vec<ModuleChange> {
+        let from_caller = matches!(
+            ev.kind,
+            module_kind::TOOL_EXEC | module_kind::TOOL_EXIT | module_kind::DELETE_ENTER | module_kind::DELETE_EXIT
+        );
+        if from_caller && ev.privileged == 0 {
+            // Could not have changed a module (no CAP_SYS_MODULE in the init user namespace): no alert,
+            // whatever the process is called and whatever it printed or returned.
+            self.unprivileged += 1;
+            return vec![];
+        }
         let name = kernel_str(&ev.name);
         let change = |action, name: String, errno, holders| ModuleChange {
             ts_ns: ev.ts_ns,
@@ -368,6 +384,8 @@ mod tests {
             parent_comm: [0; TASK_COMM_LEN],
             name: [0; MODULE_NAME_LEN],
             cmdline: [0; CMDLINE_LEN],
+            privileged: 1,
+            _pad: 0,
         };
         e.name[..name.len()].copy_from_slice(name.as_bytes());
         e.comm[..5].copy_from_slice(b"rmmod");
@@ -522,5 +540,27 @@ mod tests {
         );
         assert_eq!(cmdline_string(b"evil\x1b[2J\0"), "evil?[2J");
         assert_eq!(cmdline_string(b""), "");
+    }
+
+    #[test]
+    fn unprivileged_callers_raise_no_alert() {
+        let mut c = Correlator::default();
+        let none = |_: &str| vec![];
+        let forged = |kind, ret| {
+            let mut e = ev(kind, 99, "nf_conntrack", ret);
+            e.privileged = 0;
+            e.uid = 1000;
+            e
+        };
+        // A binary named rmmod that exits 1, and a delete_module that gets EPERM.
+        assert!(c.feed(&forged(module_kind::TOOL_EXEC, 0), none, |_| true).is_empty());
+        assert!(c.feed(&forged(module_kind::TOOL_EXIT, 1), none, |_| true).is_empty());
+        assert!(c.feed(&forged(module_kind::DELETE_ENTER, 0), none, |_| true).is_empty());
+        assert!(c.feed(&forged(module_kind::DELETE_EXIT, -1), none, |_| true).is_empty());
+        assert_eq!(c.unprivileged, 4);
+        // The same refused unload from root still alerts.
+        let _ = c.feed(&ev(module_kind::DELETE_ENTER, 7, "nf_conntrack", 0), none, |_| true);
+        let exit = c.feed(&ev(module_kind::DELETE_EXIT, 7, "nf_conntrack", -16), none, |_| true);
+        assert_eq!(exit.len(), 1, "{exit:?}");
     }
 }

@@ -614,6 +614,7 @@ impl Output {
                         "total": s.total(),
                         "attribution": s.attribution,
                         "lost": s.lost,
+                        "module_requests_unprivileged": s.module_requests_unprivileged,
                         "by_netns": netns,
                         "top_flows": flows,
                         "top_dports": ports,
@@ -744,6 +745,13 @@ pub fn summary_text(s: &Summary) -> String {
             ""
         }
     );
+    if s.module_requests_unprivileged > 0 {
+        let _ = writeln!(
+            o,
+            "module requests ignored: {} (callers without CAP_SYS_MODULE in the init user namespace cannot change a module)",
+            s.module_requests_unprivileged
+        );
+    }
     o
 }
 

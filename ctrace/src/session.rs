@@ -642,6 +642,7 @@ carry no flow)",
         top_flows: s.tally.top_flows(),
         top_dports: s.tally.top_dports(),
         untracked: s.tally.untracked,
+        module_requests_unprivileged: s.modules.unprivileged,
         attribution,
         ..Default::default()
     };

@@ -121,6 +121,8 @@ pub struct Summary {
     pub top_dports: Vec<((u8, u16), u64)>,
     /// Drops of flows beyond the tracked set (top lists are then partial).
     pub untracked: u64,
+    /// modprobe/rmmod runs and delete_module calls of callers that could not change a module (ignored).
+    pub module_requests_unprivileged: u64,
 }
 
 impl Summary {

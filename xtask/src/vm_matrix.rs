@@ -1,7 +1,7 @@
 //! The attribution matrix in kprobe mode: the `#[test]` functions of `tests/tests/attribution`, built static,
 //! run one by one in 2-vCPU Debian guests where nf_conntrack is a module and ctrace must pick kprobe mode. The
 //! guest gets the tools the tests call (iproute2, nftables, legacy iptables) from this host; the guest script
-//! is `tests/guest/attribution-matrix.sh`. Each test compares ctrace with truth it did not compute and prints a
+//! is `tests/guest/matrix.sh`. Each test compares ctrace with truth it did not compute and prints a
 //! `case ...` line, which becomes the test's facts here.
 
 use std::{
@@ -55,9 +55,10 @@ fn modules(spec: KernelSpec) -> Vec<String> {
 const CHURN_NETNS: u32 = 1000;
 const VM_TIMEOUT: Duration = Duration::from_secs(900);
 const MARK: &str = "@@ctrace-matrix";
-const SCRIPT: &str = include_str!("../../tests/guest/attribution-matrix.sh");
-const TEST_TARGET: &str = "attribution";
-const GUEST_MATRIX: &str = "/usr/local/bin/ctrace-attribution";
+const SCRIPT: &str = include_str!("../../tests/guest/matrix.sh");
+/// The test binaries the guests run (every test, the ignored ones included: those need a kernel with
+/// modules). Each lands in the guest as /usr/local/bin/ctrace-test-<name>.
+const TEST_TARGETS: &[&str] = &["attribution", "forgery"];
 const GUEST_CTRACE: &str = "/usr/local/bin/ctrace";
 /// Host programs the tests run, and where the guest gets them (before busybox's applets in PATH).
 const PROGRAMS: &[(&str, &str)] = &[
@@ -68,10 +69,10 @@ const PROGRAMS: &[(&str, &str)] = &[
 pub fn run_all(ws: &Path) -> Result<()> {
     crate::setup::ensure_debian_packages(&["iptables", "nftables", "iproute2"])?;
     let build_start = Instant::now();
-    let mut files = vec![
-        (crate::dist::build_static(ws)?, GUEST_CTRACE.to_string()),
-        (build_matrix(ws)?, GUEST_MATRIX.to_string()),
-    ];
+    let mut files = vec![(crate::dist::build_static(ws)?, GUEST_CTRACE.to_string())];
+    for (name, bin) in build_matrix(ws)? {
+        files.push((bin, format!("/usr/local/bin/ctrace-test-{name}")));
+    }
     files.extend(iptables_files()?);
     files.extend(program_files(PROGRAMS)?);
     println!(
@@ -90,45 +91,45 @@ pub fn run_all(ws: &Path) -> Result<()> {
     finish("VM attribution matrix tests", &results, &tails)
 }
 
-/// Builds the `attribution` test binary static (it runs in a guest with no Rust libraries) and returns its path.
-fn build_matrix(ws: &Path) -> Result<PathBuf> {
+/// Builds the TEST_TARGETS static (they run in a guest with no Rust libraries); returns (name, path) pairs.
+fn build_matrix(ws: &Path) -> Result<Vec<(String, PathBuf)>> {
     let target = crate::dist::DIST_TARGET;
     let target_dir = crate::build::target_dir(ws).join("dist-build");
     let mut cmd = crate::build::cargo(ws)?;
-    cmd.args([
-        "test",
-        "--no-run",
-        "--release",
-        "--package",
-        "ctrace-tests",
-        "--test",
-        TEST_TARGET,
-    ])
-    .args(["--target", target, "--message-format", "json-render-diagnostics"])
-    .arg("--target-dir")
-    .arg(&target_dir)
-    .env("RUSTFLAGS", "-C target-feature=+crt-static")
-    .env_remove("CARGO_ENCODED_RUSTFLAGS")
-    .env_remove("CARGO_BUILD_TARGET")
-    .stdout(Stdio::piped())
-    .stderr(Stdio::inherit());
+    cmd.args(["test", "--no-run", "--release", "--package", "ctrace-tests"]);
+    for t in TEST_TARGETS {
+        cmd.args(["--test", t]);
+    }
+    cmd.args(["--target", target, "--message-format", "json-render-diagnostics"])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_TARGET")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
     let mut child = cmd.spawn().context("could not start cargo to build the matrix")?;
     let stdout = child.stdout.take().context("cargo's stdout")?;
-    let mut executable = None;
+    let mut built = Vec::new();
     for line in BufReader::new(stdout).lines() {
         let msg: Value = serde_json::from_str(&line?).unwrap_or_default();
         if msg["reason"] == "compiler-artifact"
-            && msg["target"]["name"] == TEST_TARGET
+            && let Some(name) = msg["target"]["name"].as_str().filter(|n| TEST_TARGETS.contains(n))
             && let Some(path) = msg["executable"].as_str()
         {
-            executable = Some(PathBuf::from(path));
+            built.push((name.to_string(), PathBuf::from(path)));
         }
     }
     let status = child.wait()?;
-    ensure!(status.success(), "building the attribution matrix failed ({status})");
-    let bin = executable.context("cargo built no attribution test executable")?;
-    crate::dist::ensure_static(&bin)?;
-    Ok(bin)
+    ensure!(status.success(), "building the guest test binaries failed ({status})");
+    for t in TEST_TARGETS {
+        let (_, bin) = built
+            .iter()
+            .find(|(name, _)| name == t)
+            .with_context(|| format!("cargo built no {t} test executable"))?;
+        crate::dist::ensure_static(bin)?;
+    }
+    Ok(built)
 }
 
 /// Boots one guest and turns each test's block into a result. Errors are host problems (no kernel, no QEMU).

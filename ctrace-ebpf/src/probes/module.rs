@@ -38,11 +38,31 @@ unsafe fn read_ptr(addr: u64) -> u64 {
     unsafe { bpf_probe_read_kernel(addr as *const u64).unwrap_or(0) }
 }
 
-/// Fills the process fields from the current task: tgid, uid, comm, parent, argv.
+const CAP_SYS_MODULE: u64 = 16;
+
+/// Whether `task` has CAP_SYS_MODULE effective in the init user namespace: only such a caller can load
+/// or unload a module, so only its requests and tools are worth an alert (anyone can run a binary named
+/// rmmod, or call delete_module and get EPERM).
+#[inline(always)]
+unsafe fn can_change_modules(task: u64) -> bool {
+    unsafe {
+        let cred = read_ptr(task + module_layout!(task_cred) as u64);
+        if cred == 0 {
+            return false;
+        }
+        let caps = read_ptr(cred + module_layout!(cred_cap_effective) as u64);
+        let ns = read_ptr(cred + module_layout!(cred_user_ns) as u64);
+        let level = bpf_probe_read_kernel((ns + module_layout!(user_ns_level) as u64) as *const i32).unwrap_or(-1);
+        caps >> CAP_SYS_MODULE & 1 == 1 && ns != 0 && level == 0
+    }
+}
+
+/// Fills the process fields from the current task: tgid, uid, comm, parent, argv, privilege.
 #[inline(always)]
 unsafe fn fill_process(ev: &mut ModuleEvent) {
     unsafe {
         let task = bpf_get_current_task();
+        ev.privileged = can_change_modules(task) as u32;
         ev.uid = bpf_get_current_uid_gid() as u32;
         ev.pid = bpf_probe_read_kernel((task + module_layout!(task_tgid) as u64) as *const u32).unwrap_or(0);
         let _ = bpf_probe_read_kernel_buf((task + module_layout!(task_comm) as u64) as *const u8, &mut ev.comm);
