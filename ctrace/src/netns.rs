@@ -32,7 +32,13 @@ pub struct NetnsInfo {
 #[derive(Debug, Default)]
 pub struct Registry {
     pub known: HashMap<u32, NetnsInfo>,
+    /// When an unknown netns last caused a rescan.
+    last_lookup: Option<std::time::Instant>,
 }
+
+/// A drop from an unknown netns rescans /proc at most this often: anyone can create netns by the thousand
+/// (unprivileged user namespaces), and a rescan reads every task's namespace link.
+pub const LOOKUP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub const NETNS_RUN_DIR: &str = "/run/netns";
 
@@ -50,6 +56,19 @@ impl Registry {
         let mut r = Registry::default();
         r.rescan();
         r
+    }
+
+    /// Makes sure `netns` is known if it can be: rescans when it is not, at most once per LOOKUP_INTERVAL
+    /// (until then its events carry no name).
+    pub fn learn(&mut self, netns: u32) {
+        if netns == 0 || self.known.contains_key(&netns) {
+            return;
+        }
+        if self.last_lookup.is_some_and(|t| t.elapsed() < LOOKUP_INTERVAL) {
+            return;
+        }
+        self.last_lookup = Some(std::time::Instant::now());
+        self.rescan();
     }
 
     pub fn rescan(&mut self) {
@@ -179,5 +198,21 @@ mod tests {
         let r = Registry::scan();
         let me = current_inode().unwrap();
         assert!(r.known.contains_key(&me));
+    }
+
+    #[test]
+    fn unknown_netns_rescan_at_most_once_a_second() {
+        let mut r = Registry::default();
+        r.learn(u32::MAX);
+        let first = r.last_lookup.expect("an unknown netns rescans");
+        r.learn(u32::MAX - 1);
+        assert_eq!(
+            r.last_lookup,
+            Some(first),
+            "a second unknown netns within the interval does not"
+        );
+        r.known.insert(7, NetnsInfo::default());
+        r.learn(7);
+        assert_eq!(r.last_lookup, Some(first), "a known one never does");
     }
 }

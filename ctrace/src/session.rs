@@ -146,9 +146,7 @@ impl Session {
     fn handle_record(&mut self, bytes: &[u8]) {
         let Ok(raw) = event::parse_record(bytes) else { return };
         let Some(d) = event::decode(&raw) else { return };
-        if d.netns != 0 && !self.registry.known.contains_key(&d.netns) {
-            self.registry.rescan();
-        }
+        self.registry.learn(d.netns);
         if d.evicted
             && let Some(w) = self.watched.get_mut(&d.netns)
         {

@@ -173,7 +173,7 @@ fn run_kernel(spec: KernelSpec, files: &[(PathBuf, String)]) -> Result<(Vec<Test
         outcome.duration.as_secs_f64()
     );
     for test in &tests {
-        println!("vm-matrix {name} {}", test.line());
+        println!("vm-matrix {}", test.line());
     }
     Ok((tests, tail))
 }
