@@ -142,6 +142,9 @@ pub struct KernelLayout {
     pub net_hooks_ipv4: u32,
     pub net_hooks_ipv6: u32,
     pub entries_hooks: u32,
+    /// task_struct.nsproxy and nsproxy.net_ns: the netns of the task writing a sysctl.
+    pub task_nsproxy: u32,
+    pub nsproxy_net_ns: u32,
     pub _pad: u32,
     pub nf_hook_slow_start: u64,
     pub nf_hook_slow_end: u64,
@@ -310,7 +313,8 @@ pub struct SysctlEvent {
     pub uid: u32,
     /// 0 when this kernel gives sysctl programs no task helpers (before 6.1): pid/uid/comm unknown.
     pub has_task: u32,
-    pub _pad: u32,
+    /// The writer's netns (inode; 0 when unknown): per-netns keys change only that netns.
+    pub netns: u32,
     pub comm: [u8; TASK_COMM_LEN],
     /// `net/netfilter/nf_conntrack_max`.
     pub name: [u8; SYSCTL_NAME_LEN],
@@ -371,7 +375,7 @@ mod tests {
     fn abi_sizes_are_stable() {
         // The ring buffer record and the globals are an ABI between the two sides.
         assert_eq!(core::mem::size_of::<DropEvent>(), 184);
-        assert_eq!(core::mem::size_of::<KernelLayout>(), 128);
+        assert_eq!(core::mem::size_of::<KernelLayout>(), 136);
         assert_eq!(core::mem::size_of::<Baseline>(), 40);
         assert_eq!(core::mem::size_of::<PendingVerdict>(), 88);
         assert_eq!(core::mem::size_of::<ModuleEvent>(), 256);

@@ -33,6 +33,8 @@ pub(crate) static LAYOUT: KernelLayout = KernelLayout {
     net_hooks_ipv4: 0,
     net_hooks_ipv6: 0,
     entries_hooks: 0,
+    task_nsproxy: 0,
+    nsproxy_net_ns: 0,
     _pad: 0,
     nf_hook_slow_start: 0,
     nf_hook_slow_end: 0,

@@ -66,6 +66,8 @@ pub fn resolve(btf: &Btf) -> anyhow::Result<(KernelLayout, DropMatch)> {
         net_hooks_ipv4: off("net", "nf.hooks_ipv4").unwrap_or(0),
         net_hooks_ipv6: off("net", "nf.hooks_ipv6").unwrap_or(0),
         entries_hooks: off("nf_hook_entries", "hooks").unwrap_or(0),
+        task_nsproxy: off("task_struct", "nsproxy")?,
+        nsproxy_net_ns: off("nsproxy", "net_ns")?,
         _pad: 0,
         nf_hook_slow_start: 0,
         nf_hook_slow_end: 0,

@@ -283,12 +283,18 @@ impl Output {
         self.alert(ts, &text, m);
     }
 
-    pub fn sysctl_write(&mut self, ts: OffsetDateTime, w: &SysctlWrite) {
+    /// A sysctl write; `netns_name` is the `ip netns` name of the writer's netns, when it has one.
+    pub fn sysctl_write(&mut self, ts: OffsetDateTime, w: &SysctlWrite, netns_name: Option<&str>) {
         let who = match &w.task {
             Some((pid, uid, comm)) => format!("{comm}[{pid}] (uid {uid})"),
             None => "a process this kernel does not name (sysctl programs get no task helpers before 6.1)".to_owned(),
         };
-        let text = format!("SYSCTL WRITE {} {} -> {} by {who}", w.key, w.old, w.new);
+        let place = match (w.netns, netns_name) {
+            (Some(_), Some(name)) => format!(" in netns {name}"),
+            (Some(n), None) => format!(" in netns {n}"),
+            (None, _) => String::new(),
+        };
+        let text = format!("SYSCTL WRITE {} {} -> {} by {who}{place}", w.key, w.old, w.new);
         let mut m = serde_json::Map::new();
         m.insert("event".into(), json!("sysctl_write"));
         m.insert("ts".into(), json!(rfc3339(ts)));
@@ -299,6 +305,12 @@ impl Output {
             m.insert("pid".into(), json!(pid));
             m.insert("comm".into(), json!(comm));
             m.insert("uid".into(), json!(uid));
+        }
+        if let Some(n) = w.netns {
+            m.insert("netns".into(), json!(n));
+            if let Some(name) = netns_name {
+                m.insert("netns_name".into(), json!(name));
+            }
         }
         self.alert(ts, &text, m);
     }

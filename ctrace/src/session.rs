@@ -215,7 +215,11 @@ impl Session {
         let Some(w) = sysctl_watch::parse_record(bytes) else {
             return;
         };
-        self.out.sysctl_write(self.clock.wall(w.ts_ns), &w);
+        if let Some(n) = w.netns {
+            self.registry.learn(n);
+        }
+        let name = w.netns.and_then(|n| self.registry.name(n));
+        self.out.sysctl_write(self.clock.wall(w.ts_ns), &w, name.as_deref());
         // The kernel applies the value right after this program ran: refresh the snapshot on the
         // next tick (a reload right after a write must still see the written value as "before").
         self.sysctl_dirty = true;

@@ -54,6 +54,8 @@ pub struct SysctlWrite {
     pub new: String,
     /// (pid, uid, comm) when the kernel tells.
     pub task: Option<(u32, u32, String)>,
+    /// The writer's netns inode (6.1+): a per-netns key written in a container's netns changes only that one.
+    pub netns: Option<u32>,
 }
 
 pub fn parse_record(bytes: &[u8]) -> Option<SysctlWrite> {
@@ -77,6 +79,7 @@ pub fn parse_record(bytes: &[u8]) -> Option<SysctlWrite> {
         old: value(&ev.old),
         new: value(&ev.new),
         task: (ev.has_task != 0).then(|| (ev.pid, ev.uid, kernel_str(&ev.comm))),
+        netns: (ev.has_task != 0 && ev.netns != 0).then_some(ev.netns),
     })
 }
 
@@ -99,7 +102,7 @@ mod tests {
             pid: 42,
             uid: 0,
             has_task: 1,
-            _pad: 0,
+            netns: 0,
             comm: [0; TASK_COMM_LEN],
             name: [0; SYSCTL_NAME_LEN],
             old: [0; SYSCTL_VALUE_LEN],

@@ -97,7 +97,7 @@ fn ruleset_drops_are_not_conntrack_drops() {
     }
 }
 
-/// A write to a conntrack sysctl is reported with the writing process (cgroup/sysctl program).
+/// A write to a conntrack sysctl is reported with the writing process and its netns (cgroup/sysctl program).
 #[test]
 fn sysctl_writes_name_the_writer() {
     require_root();
@@ -113,10 +113,28 @@ fn sysctl_writes_name_the_writer() {
         // Restored when the guard drops: a second write, also reported.
         let _g = SysctlGuard::set(KEY, new).unwrap();
     }
+    // The same key written inside another netns changes only that netns: the write must say which.
+    let ns = TestNetns::new("sysctlw").unwrap();
+    ns.in_netns(move || Ok(std::fs::write(KEY, "13")?)).unwrap();
     let (events, _) = ctrace.stop().unwrap();
+    use std::os::unix::fs::MetadataExt as _;
+    let own = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+    let in_ns: Vec<&Value> = events
+        .iter()
+        .filter(|v| v["event"] == "sysctl_write" && v["netns"] == ns.inode())
+        .collect();
+    assert_eq!(in_ns.len(), 1, "the write inside the netns names it: {in_ns:?}");
+    assert_eq!(
+        (in_ns[0]["new"].as_str(), in_ns[0]["netns_name"].as_str()),
+        (Some("13"), Some(ns.name.as_str()))
+    );
     let writes: Vec<&Value> = events
         .iter()
-        .filter(|v| v["event"] == "sysctl_write" && v["key"] == "net.netfilter.nf_conntrack_tcp_timeout_close")
+        .filter(|v| {
+            v["event"] == "sysctl_write"
+                && v["key"] == "net.netfilter.nf_conntrack_tcp_timeout_close"
+                && v["netns"] != ns.inode()
+        })
         .collect();
     assert_eq!(writes.len(), 2, "both writes reported: {writes:?}");
     assert_eq!(
@@ -128,6 +146,7 @@ fn sysctl_writes_name_the_writer() {
         (Some(new), Some(old.as_str()))
     );
     for w in writes {
+        assert_eq!(w["netns"], own, "written in this process's netns: {w}");
         assert_eq!(w["comm"], comm.as_str());
         assert_eq!(w["pid"], std::process::id());
         assert_eq!(w["uid"], 0);

@@ -4,7 +4,8 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_current_uid_gid,
+        bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated::{bpf_sysctl_get_current_value, bpf_sysctl_get_name, bpf_sysctl_get_new_value},
     },
     macros::{cgroup_sysctl, map},
@@ -13,7 +14,7 @@ use aya_ebpf::{
 };
 use ctrace_common::{SYSCTL_NAME_LEN, SYSCTL_VALUE_LEN, SysctlEvent};
 
-use crate::globals::sysctl_task_helpers;
+use crate::globals::{layout, sysctl_task_helpers};
 
 #[map]
 pub static SYSCTL_EVENTS: RingBuf = RingBuf::with_byte_size(1 << 16, 0);
@@ -50,6 +51,24 @@ fn is_conntrack(name: &[u8; SYSCTL_NAME_LEN]) -> bool {
     }
 }
 
+/// The netns inode of the current task (current->nsproxy->net_ns->ns.inum), 0 if unreadable.
+#[inline(always)]
+unsafe fn writer_netns() -> u32 {
+    unsafe {
+        let read = |addr: u64| bpf_probe_read_kernel(addr as *const u64).unwrap_or(0);
+        let task = bpf_get_current_task();
+        let nsproxy = read(task + layout!(task_nsproxy) as u64);
+        if nsproxy == 0 {
+            return 0;
+        }
+        let net = read(nsproxy + layout!(nsproxy_net_ns) as u64);
+        if net == 0 {
+            return 0;
+        }
+        bpf_probe_read_kernel((net + layout!(net_inum) as u64) as *const u32).unwrap_or(0)
+    }
+}
+
 #[cgroup_sysctl]
 pub fn sysctl_watch(ctx: SysctlContext) -> i32 {
     // SAFETY: the context pointer is the kernel's struct bpf_sysctl.
@@ -82,6 +101,8 @@ pub fn sysctl_watch(ctx: SysctlContext) -> i32 {
         ev.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
         ev.uid = bpf_get_current_uid_gid() as u32;
         ev.comm = bpf_get_current_comm().unwrap_or_default();
+        // SAFETY: every read goes through bpf_probe_read_kernel (the same helpers come with 6.1).
+        ev.netns = unsafe { writer_netns() };
     }
     slot.submit(0);
     ALLOW
