@@ -39,11 +39,8 @@ struct Clock {
 
 impl Clock {
     fn now() -> Clock {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: valid pointer to a timespec.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
         Clock {
-            mono_ns: ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128,
+            mono_ns: crate::probes::monotonic_ns() as i128,
             wall: OffsetDateTime::now_utc(),
         }
     }

@@ -126,6 +126,16 @@ pub struct VmOutcome {
 
 impl VmOutcome {
     /// The last `n` console lines.
+    /// `name (why it ended): last N console lines: ... (full console log: path)`, for a failed guest's error.
+    pub fn console_tail(&self, name: &str, lines: usize) -> String {
+        format!(
+            "{name} ({}): last {lines} console lines:\n{}\n(full console log: {})",
+            self.exit_reason,
+            self.tail(lines),
+            self.log_path.display()
+        )
+    }
+
     pub fn tail(&self, n: usize) -> String {
         let lines: Vec<&str> = self.console.lines().collect();
         lines[lines.len().saturating_sub(n)..].join("\n")

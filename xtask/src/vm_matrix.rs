@@ -147,12 +147,7 @@ fn run_kernel(spec: KernelSpec, files: &[(PathBuf, String)]) -> Result<(Vec<Test
         kernel.version, kernel.package, run.cpus
     );
     let outcome = vm::run(&run)?;
-    let tail = format!(
-        "{name} ({}): last 60 console lines:\n{}\n(full console log: {})",
-        outcome.exit_reason,
-        outcome.tail(60),
-        outcome.log_path.display()
-    );
+    let tail = outcome.console_tail(&name, 60);
     let output = outcome.script_output();
     let values = marker_values(&output, MARK);
     let mut tests = evaluate(&name, &output, &values);

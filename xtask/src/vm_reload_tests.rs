@@ -116,12 +116,7 @@ fn run_kernel(spec: KernelSpec, files: &[(PathBuf, String)]) -> Result<(Vec<Test
         kernel.version, kernel.package
     );
     let outcome = vm::run(&run)?;
-    let tail = format!(
-        "{name} ({}): last 40 console lines:\n{}\n(full console log: {})",
-        outcome.exit_reason,
-        outcome.tail(40),
-        outcome.log_path.display()
-    );
+    let tail = outcome.console_tail(name, 40);
     let guest = Guest::parse(&outcome.script_output());
     print_timings(name, &outcome, &guest);
     let mut tests = evaluate(&guest);

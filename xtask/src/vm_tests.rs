@@ -118,12 +118,7 @@ fn run_case(case: &VmCase, files: &[(PathBuf, String)]) -> Result<(Vec<TestResul
         kernel.version, kernel.package
     );
     let outcome = vm::run(&spec)?;
-    let tail = format!(
-        "{name} ({}): last 40 console lines:\n{}\n(full console log: {})",
-        outcome.exit_reason,
-        outcome.tail(40),
-        outcome.log_path.display()
-    );
+    let tail = outcome.console_tail(&name, 40);
 
     let output = outcome.script_output();
     let tests = match GuestReport::parse(&output) {

@@ -110,20 +110,13 @@ impl ConntrackHook {
         .join()
         .map_err(|_| anyhow!("the thread arming the conntrack hook panicked"))??;
         self.armed.insert(netns, links);
-        Ok(monotonic_ns() + GRACE_NS)
+        Ok(super::monotonic_ns() + GRACE_NS)
     }
 
     /// Unlinks the programs from `netns` (releasing the kernel's reference on it).
     pub fn disarm(&mut self, netns: u32) {
         self.armed.remove(&netns);
     }
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: ts is a valid timespec to write to.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// One eBPF instruction (struct bpf_insn).

@@ -63,6 +63,14 @@ kernel's reason text; NOTRACK and attached entries prove ruleset drops; what nei
 uncertain (and on 6.4+ arms the conntrack hook in that netns, which settles later ones); early_drop evictions are counted exactly from the kernel counters and, while a table is over 90% \
 full, listed one by one with the evicted entry's flow.";
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Kprobes are usable when the kernel exposes the kprobe PMU (CONFIG_KPROBE_EVENTS).
 pub fn kernel_has_kprobes() -> bool {
     Path::new("/sys/bus/event_source/devices/kprobe").exists()
