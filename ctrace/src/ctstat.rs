@@ -57,7 +57,7 @@ impl CtStats {
 }
 
 /// The counters ctrace compares, as deltas between two snapshots.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 pub struct CounterDelta {
     pub drop: u64,
     pub early_drop: u64,

@@ -240,10 +240,10 @@ pub async fn run(args: DemoArgs, offset: time::UtcOffset) -> anyhow::Result<()> 
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = oneshot::channel();
-    let out = crate::make_output(args.json, offset);
+    let sinks = crate::sinks::Sinks::stdout(args.json, offset);
     let session = tokio::spawn(session::run(
         run_args,
-        out,
+        sinks,
         session::Hooks {
             stop: Some(stop_rx),
             ready: Some(ready_tx),

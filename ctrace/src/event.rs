@@ -189,11 +189,19 @@ pub fn decode(ev: &DropEvent) -> Option<Drop> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use ctrace_common::CtStat;
 
-    fn raw() -> DropEvent {
+    /// A ring buffer record as the kernel writes it.
+    pub(crate) fn record_bytes(ev: &DropEvent) -> Vec<u8> {
+        // SAFETY: DropEvent is repr(C) plain data; the slice covers exactly one value.
+        unsafe { std::slice::from_raw_parts(ev as *const DropEvent as *const u8, std::mem::size_of::<DropEvent>()) }
+            .to_vec()
+    }
+
+    /// A table-full UDP drop from 10.0.0.1:5000 to 10.0.0.2:53 in netns 4026532177, sent by "py?thon".
+    pub(crate) fn raw() -> DropEvent {
         DropEvent {
             ts_ns: 5,
             location: 0,

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::{netns::Registry, output::Output, probes::loader::Tracer};
+use crate::{netns::Registry, probes::loader::Tracer, report::Event};
 
 #[derive(Debug, Default)]
 pub struct Steering {
@@ -25,21 +25,22 @@ impl Steering {
         }
     }
 
-    /// Arms the hook where it is wanted.
-    pub fn steer(&mut self, registry: &Registry, tracer: &mut Tracer, out: &mut Output) {
+    /// Arms the hook where it is wanted; returns what to tell the user.
+    pub fn steer(&mut self, registry: &Registry, tracer: &mut Tracer) -> Vec<Event> {
+        let mut out = vec![];
         if self.wanted.is_empty() {
-            return;
+            return out;
         }
         if let Some(why) = tracer.conntrack_hook_unavailable() {
             if !self.said_unavailable {
                 self.said_unavailable = true;
-                out.notice(&format!(
+                out.push(Event::notice(format!(
                     "some drops are uncertain (invalid or netfilter_rule); the conntrack hook that settles them \
                      is not available here: {why}"
-                ));
+                )));
             }
             self.tried.append(&mut self.wanted);
-            return;
+            return out;
         }
         for netns in std::mem::take(&mut self.wanted) {
             let label = registry.name(netns).unwrap_or_else(|| netns.to_string());
@@ -51,26 +52,27 @@ impl Steering {
             match tracer.arm_conntrack_hook(netns, &path) {
                 Ok(true) => {
                     self.armed += 1;
-                    out.notice(&format!(
+                    out.push(Event::notice(format!(
                         "netns {label}: conntrack hook armed (netfilter programs before and after conntrack's): \
                          its ct-less drops are exact from now on"
-                    ));
+                    )));
                 }
                 Ok(false) if !self.said_full => {
                     self.said_full = true;
-                    out.notice(&format!(
+                    out.push(Event::notice(format!(
                         "netns {label}: the conntrack hook is armed in {} netns already (the bound): drops here \
                          stay uncertain where the counters cannot tell",
                         ctrace_common::MAX_HOOKED_NETNS
-                    ));
+                    )));
                 }
                 Ok(false) => {}
-                Err(e) => out.notice(&format!(
+                Err(e) => out.push(Event::notice(format!(
                     "netns {label}: the conntrack hook could not be armed: {}",
                     crate::brief(&e)
-                )),
+                ))),
             }
         }
+        out
     }
 }
 

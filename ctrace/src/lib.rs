@@ -1,10 +1,12 @@
 //! ctrace: shows which packets netfilter connection tracking dropped, and why.
 //!
-//! Layout: `cli` (flags) → `session` (the run loop) → `probes` (kernel hooks per mode) →
-//! `event` (decoding) → `aggregate`/`summary` → `output` (text, JSON). `btf`/`layout` resolve
-//! kernel offsets at start-up; `netns`/`ctstat` read the kernel's own counters; `demo` makes
-//! conntrack drop packets in a throwaway netns. The binary (`main.rs`) only parses flags and
-//! dispatches; the tests use this library's parsers instead of copies of them.
+//! Layout: `cli` (flags) → `session` (the run loop) → `probes` (kernel hooks per mode) → `event`
+//! (decoding kernel records) → `report` (the typed records ctrace reports) → `sinks` (text, JSON).
+//! The session's stateful parts: `kernel_counters`, `evictions`, `reload`, `hook_steer`,
+//! `aggregate`, `summary`. `btf`/`layout`/`kallsyms` resolve kernel offsets and symbols at start-up;
+//! `netns`/`ctstat` read the kernel's own counters; `demo` makes conntrack drop packets in a
+//! throwaway netns. The binary (`main.rs`) only parses flags and dispatches; the tests use this
+//! library's parsers instead of copies of them.
 
 pub mod aggregate;
 pub mod baselines;
@@ -14,33 +16,23 @@ pub mod cli;
 pub mod ctstat;
 pub mod demo;
 pub mod event;
+pub mod evictions;
 pub mod hook_steer;
 pub mod kallsyms;
+pub mod kernel_counters;
 pub mod layout;
 pub mod modules;
 pub mod netns;
-pub mod output;
 pub mod privileges;
 pub mod probes;
+pub mod reload;
+pub mod report;
 pub mod sanitize;
 pub mod session;
+pub mod sinks;
 pub mod summary;
 pub mod sysctl_state;
 pub mod sysctl_watch;
-
-use std::io::IsTerminal as _;
-
-use output::Output;
-
-/// The output a run writes to stdout: JSON Lines, or text (highlighted on a terminal).
-pub fn make_output(json: bool, offset: time::UtcOffset) -> Output {
-    let stdout: Box<dyn std::io::Write + Send> = Box::new(output::Stdout);
-    if json {
-        Output::json(stdout)
-    } else {
-        Output::text(stdout, offset, std::io::stdout().is_terminal())
-    }
-}
 
 /// An error as one readable line: the context chain, with a BPF verifier log cut to its verdict
 /// (the full log is thousands of lines; `RUST_LOG=debug` prints it).

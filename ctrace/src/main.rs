@@ -6,7 +6,8 @@ use clap::Parser as _;
 use ctrace::{
     brief, check,
     cli::{Cli, Command},
-    demo, make_output, privileges, session,
+    demo, privileges, session,
+    sinks::Sinks,
 };
 
 /// The local UTC offset, read while the process is still single-threaded (the `time` crate
@@ -62,8 +63,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => {
-                let out = make_output(args.json, offset);
-                session::run(args, out, session::Hooks::default()).await.map(|_| ())
+                let sinks = Sinks::stdout(args.json, offset);
+                session::run(args, sinks, session::Hooks::default()).await.map(|_| ())
             }
             Command::Demo(args) => demo::run(args, offset).await,
             Command::Check(_) => Err(anyhow::anyhow!("check is dispatched before the privilege check")),

@@ -1,0 +1,418 @@
+//! What a run knows and how it reacts to each input: a drop record, a module or sysctl record, a reload finishing,
+//! the one-second tick. The loop that feeds it is `session::run`.
+
+use std::time::{Duration, Instant};
+
+use aya::maps::{MapData, RingBuf};
+use ctrace_common::Reason;
+use time::OffsetDateTime;
+
+use crate::{
+    aggregate::{self, Admit, RateLimiter},
+    event,
+    evictions::Evictions,
+    kernel_counters::KernelCounters,
+    modules,
+    netns::{self, Registry},
+    probes::loader::Tracer,
+    reload::{Finish, Lifecycle, LiveHost, ReloadWatch},
+    report::{
+        AggregatedDrops, CountedDrops, DropContext, DropRecord, Event, ModuleRecord, PacketDrop, ReattachedRecord,
+        SysctlWriteRecord,
+    },
+    sinks::Sinks,
+    summary::Tally,
+    sysctl_watch,
+};
+
+/// Converts `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) to wall-clock time.
+pub(super) struct Clock {
+    mono_ns: i128,
+    wall: OffsetDateTime,
+}
+
+impl Clock {
+    pub(super) fn now() -> Clock {
+        Clock {
+            mono_ns: crate::probes::monotonic_ns() as i128,
+            wall: OffsetDateTime::now_utc(),
+        }
+    }
+
+    pub(super) fn wall(&self, mono_ns: u64) -> OffsetDateTime {
+        let delta = mono_ns as i128 - self.mono_ns;
+        self.wall + time::Duration::nanoseconds(delta as i64)
+    }
+}
+
+/// Most aggregate lines printed per second; the rest fold into one line per (reason, netns).
+const MAX_AGGREGATE_LINES: usize = 10;
+
+pub(super) struct Session {
+    pub(super) sinks: Sinks,
+    pub(super) registry: Registry,
+    pub(super) netns_filter: Option<u32>,
+    pub(super) early_drop_wanted: bool,
+    pub(super) counters: KernelCounters,
+    pub(super) evictions: Evictions,
+    pub(super) limiter: RateLimiter,
+    pub(super) tally: Tally,
+    pub(super) clock: Clock,
+    pub(super) max: Option<u64>,
+    pub(super) max_read: Instant,
+    pub(super) modules: modules::Correlator,
+    pub(super) reload: ReloadWatch,
+    /// ctrace's own netns (its per-netns keys are the reload watch's own snapshot).
+    pub(super) own_netns: u32,
+    /// Where to arm the conntrack hook.
+    pub(super) hook: crate::hook_steer::Steering,
+}
+
+impl Session {
+    pub(super) fn new(
+        sinks: Sinks,
+        registry: Registry,
+        netns_filter: Option<u32>,
+        early_drop_wanted: bool,
+        rate_limit: u64,
+        reload: ReloadWatch,
+    ) -> Session {
+        Session {
+            sinks,
+            registry,
+            netns_filter,
+            early_drop_wanted,
+            counters: KernelCounters::default(),
+            evictions: Evictions::default(),
+            limiter: RateLimiter::new(rate_limit),
+            tally: Tally::default(),
+            clock: Clock::now(),
+            max: netns::conntrack_max(),
+            max_read: Instant::now(),
+            modules: modules::Correlator::default(),
+            reload,
+            own_netns: netns::current_inode().unwrap_or(0),
+            hook: Default::default(),
+        }
+    }
+
+    pub(super) fn wanted(&self, n: u32) -> bool {
+        self.netns_filter.is_none_or(|f| f == n)
+    }
+
+    /// The watched netns, as ids (the registry's view).
+    pub(super) fn watched_ids(&self) -> Vec<u32> {
+        self.registry
+            .known
+            .keys()
+            .copied()
+            .filter(|&n| self.wanted(n))
+            .collect()
+    }
+
+    pub(super) fn ctx(&self, n: u32) -> DropContext {
+        DropContext {
+            netns_name: self.registry.name(n),
+            table: self.counters.entries(n).zip(self.max),
+        }
+    }
+
+    pub(super) fn handle_record(&mut self, bytes: &[u8]) {
+        let Ok(raw) = event::parse_record(bytes) else { return };
+        let Some(d) = event::decode(&raw) else { return };
+        self.registry.learn(d.netns);
+        if d.evicted {
+            self.evictions.listed(d.netns);
+        } else {
+            self.tally.add(&d, 1);
+        }
+        if d.uncertain() {
+            self.hook.uncertain_drop(d.netns);
+        }
+        if let Admit::Print = self.limiter.admit(&d, 1) {
+            let mut ctx = self.ctx(d.netns);
+            // A table-full drop means the table was at its limit at that instant; the polled
+            // count can be up to a second old.
+            if d.reason == Reason::TableFull
+                && let Some(max) = self.max
+            {
+                ctx.table = Some((max, max));
+            }
+            let record = PacketDrop::new(self.clock.wall(d.ts_ns), &d, &ctx);
+            self.sinks.emit(Event::Drop(DropRecord::Packet(record)));
+        }
+    }
+
+    pub(super) fn drain(&mut self, rb: &mut RingBuf<MapData>) {
+        // The limit can change under us (that is the bug class ctrace exists for): read it at
+        // most every 100 ms while drops are being printed.
+        if self.max_read.elapsed() > Duration::from_millis(100) {
+            self.max = netns::conntrack_max();
+            self.max_read = Instant::now();
+        }
+        while let Some(item) = rb.next() {
+            self.handle_record(&item);
+        }
+        self.sinks.flush();
+    }
+
+    pub(super) fn handle_module_record(&mut self, bytes: &[u8]) {
+        let Some(raw) = modules::parse_record(bytes) else {
+            return;
+        };
+        for change in self.modules.feed(&raw, modules::holders, modules::is_loaded) {
+            self.sinks
+                .emit(Event::Module(ModuleRecord::new(self.clock.wall(change.ts_ns), &change)));
+            if self.reload.module_changed(&change) == Some(Lifecycle::Gone) {
+                // The module's counters are gone: what was counted so far is kept.
+                self.counters.carry_over();
+            }
+        }
+    }
+
+    pub(super) fn handle_sysctl_record(&mut self, bytes: &[u8]) {
+        let Some(w) = sysctl_watch::parse_record(bytes) else {
+            return;
+        };
+        if let Some(n) = w.netns {
+            self.registry.learn(n);
+        }
+        let name = w.netns.and_then(|n| self.registry.name(n));
+        self.sinks.emit(Event::SysctlWrite(SysctlWriteRecord::new(
+            self.clock.wall(w.ts_ns),
+            &w,
+            name,
+        )));
+        self.reload.sysctl_written();
+    }
+
+    /// Once the reloaded nf_conntrack is live: resets reported, probes and attribution start over.
+    pub(super) fn finish_reload(&mut self, tracer: &mut Tracer) {
+        match self.reload.try_finish(&LiveHost(&self.registry)) {
+            Finish::NotYet => {}
+            Finish::GaveUp(notice) => self.sinks.emit(Event::notice(notice)),
+            Finish::Live(resets) => {
+                self.evictions.probe_armed = false;
+                self.counters.carry_over();
+                for r in resets {
+                    self.sinks.emit(r);
+                }
+                let event = match tracer.reattach_conntrack() {
+                    Ok(probes) => Event::Reattached(ReattachedRecord {
+                        ts: OffsetDateTime::now_utc(),
+                        module: "nf_conntrack".into(),
+                        probes,
+                    }),
+                    Err(e) => Event::notice(format!(
+                        "could not re-attach to the reloaded nf_conntrack: {}",
+                        crate::brief(&e)
+                    )),
+                };
+                self.sinks.emit(event);
+            }
+        }
+    }
+
+    pub(super) fn refresh_sysctls(&mut self) {
+        self.reload.refresh(&LiveHost(&self.registry));
+    }
+
+    pub(super) fn refresh_netns_sysctls(&mut self) {
+        let own = self.own_netns;
+        let ids = self.watched_ids().into_iter().filter(|&n| n != own);
+        self.reload.refresh_netns(&LiveHost(&self.registry), ids);
+    }
+
+    /// Reads every watched netns's counters.
+    pub(super) fn poll_counters(&mut self) {
+        for n in self.watched_ids() {
+            if let Ok(now) = self.registry.read_stats(n) {
+                self.counters.update(n, now);
+            }
+        }
+    }
+
+    /// Reports early_drop evictions that were not listed one by one (after `poll_counters` and a drain).
+    pub(super) fn report_counted_evictions(&mut self) {
+        if !self.early_drop_wanted {
+            return;
+        }
+        let now = OffsetDateTime::now_utc();
+        for (n, count) in self.evictions.unreported(&self.counters) {
+            let record = CountedDrops::new(now, Reason::EarlyDrop, n, &self.ctx(n), count);
+            self.sinks.emit(Event::Drop(DropRecord::Counted(record)));
+        }
+    }
+
+    pub(super) fn flush_aggregates(&mut self) {
+        let flush = self.limiter.tick();
+        match flush.switched {
+            Some(true) => self.sinks.emit(Event::notice(format!(
+                "more than {} drops per second: printing per-second aggregates per (reason, netns, destination); \
+--rate-limit 0 prints every drop",
+                self.limiter.limit()
+            ))),
+            Some(false) => self.sinks.emit(Event::notice(
+                "drop rate is back under the limit: printing every drop again",
+            )),
+            None => {}
+        }
+        let now = OffsetDateTime::now_utc();
+        for (k, v) in &aggregate::fold(flush.aggregates, MAX_AGGREGATE_LINES) {
+            let record = AggregatedDrops::new(now, k, v, &self.ctx(k.netns));
+            self.sinks.emit(Event::Drop(DropRecord::Aggregated(record)));
+        }
+    }
+
+    /// Arms or disarms the eviction probe from the fullest watched table.
+    pub(super) fn steer_eviction_probe(&mut self, tracer: &mut Tracer) {
+        if !tracer.can_watch_evictions() || !self.early_drop_wanted {
+            return;
+        }
+        let Some(max) = self.max.filter(|&m| m > 0) else { return };
+        let (fullest, entries) = self.counters.fullest().unwrap_or((0, 0));
+        let Some(arm) = self.evictions.steer(entries as f64 / max as f64) else {
+            return;
+        };
+        let notice = match tracer.watch_evictions(arm) {
+            Ok(()) => {
+                self.evictions.probe_armed = arm;
+                let label = match self.registry.name(fullest) {
+                    Some(name) => format!("{fullest} ({name})"),
+                    None => fullest.to_string(),
+                };
+                Evictions::notice(arm, &label, entries, max)
+            }
+            Err(e) => format!("cannot watch evictions: {}", crate::brief(&e)),
+        };
+        self.sinks.emit(Event::notice(notice));
+    }
+
+    /// Once a second.
+    pub(super) fn tick(
+        &mut self,
+        ticks: u64,
+        events: &mut RingBuf<MapData>,
+        tracer: &mut Tracer,
+        pruner: &mut crate::baselines::Pruner,
+    ) {
+        // Nobody reads the output any more (`| head`): the loop ends as a finished run.
+        self.sinks.check_readers();
+        self.max = netns::conntrack_max();
+        self.refresh_sysctls();
+        self.poll_counters();
+        self.drain(events);
+        self.report_counted_evictions();
+        self.flush_aggregates();
+        self.steer_eviction_probe(tracer);
+        if ticks.is_multiple_of(5) {
+            self.registry.rescan();
+            self.refresh_netns_sysctls();
+            pruner.prune(&self.registry, tracer);
+        }
+        self.sinks.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        event::tests::{raw, record_bytes},
+        kernel_counters::tests::stats,
+        sinks::{JsonSink, tests::Buf},
+    };
+    use ctrace_common::flags;
+    use serde_json::Value;
+
+    fn session(rate_limit: u64) -> (Session, Buf) {
+        let buf = Buf::default();
+        let sinks = Sinks::new(vec![Box::new(JsonSink::new(buf.clone()))]);
+        let s = Session::new(
+            sinks,
+            Registry::default(),
+            None,
+            true,
+            rate_limit,
+            ReloadWatch::default(),
+        );
+        (s, buf)
+    }
+
+    fn records(buf: &Buf) -> Vec<Value> {
+        buf.text().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    #[test]
+    fn drops_print_until_the_rate_limit_then_fold_into_aggregates() {
+        let (mut s, buf) = session(3);
+        for port in 0..10 {
+            let mut ev = raw();
+            ev.dport = port;
+            s.handle_record(&record_bytes(&ev));
+        }
+        s.flush_aggregates();
+        s.sinks.flush();
+        let r = records(&buf);
+        let packets: Vec<&Value> = r
+            .iter()
+            .filter(|v| v["event"] == "drop" && v.get("aggregated").is_none())
+            .collect();
+        assert_eq!(packets.len(), 3);
+        assert_eq!(packets[0]["reason"], "table_full");
+        assert_eq!(packets[0]["comm"], "py?thon", "kernel strings are sanitised");
+        assert!(
+            r.iter()
+                .any(|v| v["event"] == "notice" && v["message"].as_str().unwrap().starts_with("more than 3 drops"))
+        );
+        let agg: Vec<&Value> = r.iter().filter(|v| v["aggregated"] == true).collect();
+        assert_eq!(agg.len(), 1);
+        assert_eq!(agg[0]["count"], 7);
+        assert_eq!(agg[0]["dports"], serde_json::json!([3, 4, 5, 6, 7, 8, 9]));
+        let top = s.tally.top_dports();
+        assert_eq!(
+            top.iter().map(|(_, c)| c).sum::<u64>(),
+            10,
+            "every drop is tallied, printed or not"
+        );
+    }
+
+    #[test]
+    fn listed_evictions_and_counted_remainders_add_up_to_the_kernel_counter() {
+        let (mut s, buf) = session(0);
+        let netns = raw().netns;
+        s.counters.seed(netns, stats(90, 10));
+        let mut ev = raw();
+        ev.reason = Reason::EarlyDrop as u8;
+        ev.flags |= flags::EVICTED;
+        for _ in 0..2 {
+            s.handle_record(&record_bytes(&ev));
+        }
+        s.counters.update(netns, stats(100, 15));
+        s.report_counted_evictions();
+        s.sinks.flush();
+        let r = records(&buf);
+        let listed = r.iter().filter(|v| v["evicted"] == true).count() as u64;
+        let counted: u64 = r
+            .iter()
+            .filter(|v| v["source"] == "counters")
+            .map(|v| v["count"].as_u64().unwrap())
+            .sum();
+        assert_eq!((listed, counted), (2, 3));
+        assert!(
+            s.tally.top_flows().is_empty(),
+            "evicted entries are not dropped packets"
+        );
+    }
+
+    #[test]
+    fn garbage_records_are_skipped() {
+        let (mut s, buf) = session(0);
+        s.handle_record(&[1, 2, 3]);
+        let mut ev = raw();
+        ev.reason = 99;
+        s.handle_record(&record_bytes(&ev));
+        s.sinks.flush();
+        assert!(buf.text().is_empty());
+    }
+}
