@@ -67,6 +67,27 @@ pub struct RunArgs {
     /// Above this many drops per second, print per-second aggregates instead of every drop (0: never).
     #[arg(long, default_value_t = 50)]
     pub rate_limit: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics: ADDR:PORT, or PORT alone for loopback [default when
+    /// given without a value: 127.0.0.1:9863].
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = DEFAULT_METRICS_ADDR, value_parser = parse_metrics_addr)]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Print nothing on stdout (with --metrics, for a daemon); errors still go to stderr.
+    #[arg(long, requires = "metrics")]
+    pub quiet: bool,
+}
+
+/// Where `--metrics` serves when given no address: loopback only, so a host's metrics are not published by
+/// accident.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9863";
+
+fn parse_metrics_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    let port_only = s.strip_prefix(':').unwrap_or(s);
+    if let Ok(port) = port_only.parse::<u16>() {
+        return Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    s.parse().map_err(|_| {
+        format!("`{s}` is not an address to serve metrics on: use e.g. 127.0.0.1:9863, [::1]:9863 or 9863")
+    })
 }
 
 #[derive(Debug, Args, Clone)]
@@ -132,6 +153,22 @@ fn parse_reason(s: &str) -> Result<Reason, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_addresses() {
+        assert_eq!(parse_metrics_addr("9863").unwrap().to_string(), "127.0.0.1:9863");
+        assert_eq!(parse_metrics_addr(":9000").unwrap().to_string(), "127.0.0.1:9000");
+        assert_eq!(parse_metrics_addr("0.0.0.0:9863").unwrap().to_string(), "0.0.0.0:9863");
+        assert_eq!(parse_metrics_addr("[::1]:9863").unwrap().to_string(), "[::1]:9863");
+        assert!(parse_metrics_addr("localhost:x").is_err());
+        let cli = Cli::try_parse_from(["ctrace", "run", "--metrics"]).unwrap();
+        let Command::Run(args) = cli.command else { panic!("run") };
+        assert_eq!(args.metrics.unwrap().to_string(), DEFAULT_METRICS_ADDR);
+        assert!(
+            Cli::try_parse_from(["ctrace", "run", "--quiet"]).is_err(),
+            "--quiet alone would show nothing"
+        );
+    }
 
     #[test]
     fn durations() {

@@ -237,6 +237,8 @@ pub async fn run(args: DemoArgs, offset: time::UtcOffset) -> anyhow::Result<()> 
         reason: vec![],
         mode: Mode::Auto,
         rate_limit: 50,
+        metrics: None,
+        quiet: false,
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let (ready_tx, ready_rx) = oneshot::channel();

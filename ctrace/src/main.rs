@@ -63,7 +63,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => {
-                let sinks = Sinks::stdout(args.json, offset);
+                let sinks = Sinks::for_run(args.json, args.quiet, args.metrics, offset).await?;
                 session::run(args, sinks, session::Hooks::default()).await.map(|_| ())
             }
             Command::Demo(args) => demo::run(args, offset).await,

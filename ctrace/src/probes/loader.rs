@@ -42,6 +42,10 @@ pub struct Tracer {
     eviction_link: Option<KProbeLinkId>,
     /// The conntrack hook (6.4+), or why this kernel cannot have it.
     conntrack_hook: Result<super::conntrack_hook::ConntrackHook, String>,
+    /// The nf_conntrack functions the kprobes are on (kprobe mode).
+    kprobe_symbols: Option<super::kprobe::Symbols>,
+    /// nf_conntrack was unloaded and its kprobes went with it (until `reattach_conntrack`).
+    conntrack_gone: bool,
 }
 
 impl Tracer {
@@ -120,7 +124,9 @@ reload can reset its sysctls"
         prog.attach().context("cannot attach to the skb:kfree_skb tracepoint")?;
         let mut eviction_target = None;
         let mut kprobe_links = vec![];
+        let mut kprobe_symbols = None;
         if let super::Plan::Kprobe(symbols) = plan {
+            kprobe_symbols = Some(symbols.clone());
             super::kprobe::load_all(&mut ebpf)?;
             kprobe_links = super::kprobe::attach_all(&mut ebpf, symbols)?;
             if kernel_layout.ct_tuple != 0 {
@@ -147,7 +153,54 @@ reload can reset its sysctls"
             eviction_target,
             eviction_link: None,
             conntrack_hook,
+            kprobe_symbols,
+            conntrack_gone: false,
         })
+    }
+
+    /// Every probe ctrace attaches on this kernel, and whether it is attached now.
+    pub fn probes(&self) -> Vec<crate::report::ProbeState> {
+        use crate::report::ProbeState;
+        let state = |probe: &str, kind, attached| ProbeState {
+            probe: probe.to_owned(),
+            kind,
+            attached,
+        };
+        let mut v = vec![state("kfree_skb", "tp_btf", true)];
+        if let Some(s) = &self.kprobe_symbols {
+            let live = !self.conntrack_gone;
+            v.push(state(&s.early_drop, "kprobe", live));
+            for f in [&s.resolve_clash, &s.l4proto_log_invalid, &s.ct_l4proto_log_invalid]
+                .into_iter()
+                .flatten()
+            {
+                v.push(state(f, "kprobe", live));
+            }
+        }
+        if let Some(target) = &self.eviction_target {
+            v.push(state(target, "kprobe", self.eviction_link.is_some()));
+        }
+        // Without loadable modules there is nothing to watch: not a blind spot, so not listed.
+        if crate::modules::kernel_has_modules() {
+            let modules = self.modules_unwatched.is_none();
+            for tp in ["module_load", "module_free", "sched_process_exec", "sched_process_exit"] {
+                v.push(state(tp, "tp_btf", modules));
+            }
+            for tp in ["sys_enter_delete_module", "sys_exit_delete_module"] {
+                v.push(state(tp, "tracepoint", modules));
+            }
+        }
+        v.push(state(
+            "cgroup/sysctl",
+            "cgroup_sysctl",
+            self.sysctls_unwatched.is_none(),
+        ));
+        v
+    }
+
+    /// nf_conntrack was unloaded: its kprobes are gone until it is back and `reattach_conntrack` ran.
+    pub fn conntrack_unloaded(&mut self) {
+        self.conntrack_gone = true;
     }
 
     /// Whether early_drop evictions can be listed one by one on this kernel.
@@ -209,6 +262,8 @@ reload can reset its sysctls"
         if self.eviction_target.is_some() {
             self.eviction_target = symbols.ct_delete.clone();
         }
+        self.conntrack_gone = false;
+        self.kprobe_symbols = Some(symbols.clone());
         Ok(symbols.describe().split(", ").map(String::from).collect())
     }
 

@@ -6,6 +6,7 @@
 mod alert;
 pub(crate) mod drop;
 pub mod schema;
+mod status;
 mod summary;
 
 use schemars::JsonSchema;
@@ -14,6 +15,7 @@ use time::OffsetDateTime;
 
 pub use alert::{ModuleRecord, ReattachedRecord, SysctlResetRecord, SysctlWriteRecord};
 pub use drop::{AggregatedDrops, CountedDrops, DropContext, DropRecord, FlowFields, PacketDrop};
+pub use status::{NetnsStatus, ProbeState, Status};
 pub use summary::{NetnsRecord, ReasonCounts, SummaryRecord, TopFlow, TopPort};
 
 /// One record. Every record serialises as a JSON object whose first keys are `event` (the variant's name) and

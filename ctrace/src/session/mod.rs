@@ -76,6 +76,7 @@ pub async fn run(args: RunArgs, sinks: Sinks, hooks: Hooks) -> anyhow::Result<Su
         reasons: args.reason.clone(),
     };
     let mut tracer = Tracer::start(&choice.plan, &filters, &s.counters.initial())?;
+    s.mode = choice.name();
     s.clock = Clock::now();
     let started = Instant::now();
     s.sinks.emit(Event::Mode(ModeRecord {
@@ -84,6 +85,7 @@ pub async fn run(args: RunArgs, sinks: Sinks, hooks: Hooks) -> anyhow::Result<Su
         why: choice.why.clone(),
         exactness: choice.exactness(),
     }));
+    s.publish_status(&tracer);
     if let Some(tx) = ready {
         let _ = tx.send(());
     }
@@ -114,7 +116,6 @@ carry no flow)",
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut pruner = crate::baselines::Pruner::default();
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut ticks = 0u64;
 
@@ -147,7 +148,9 @@ carry no flow)",
             }
             records = ready_records(module_events.as_mut()) => {
                 for r in records.context("module ring buffer poll failed")? {
-                    s.handle_module_record(&r);
+                    if s.handle_module_record(&r) {
+                        tracer.conntrack_unloaded();
+                    }
                 }
                 s.finish_reload(&mut tracer);
                 s.sinks.flush();
@@ -165,7 +168,7 @@ carry no flow)",
             _ = sysctl_settle => s.refresh_sysctls(),
             _ = tick.tick() => {
                 ticks += 1;
-                s.tick(ticks, events.get_mut(), &mut tracer, &mut pruner);
+                s.tick(ticks, events.get_mut(), &mut tracer);
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -179,9 +182,9 @@ carry no flow)",
     let per_netns = tracer.netns_totals()?;
     let lost = tracer.lost_events()?;
     let lost_split = tracer.lost_netns_split()?;
-    let mut attribution = tracer.attribution_stats()?;
-    attribution.baselines_pruned = pruner.pruned;
-    attribution.hooked_netns = s.hook.armed;
+    let attribution = s.attribution_stats(&tracer)?;
+    // The last state, for a scrape before the exit.
+    s.publish_status(&tracer);
     let mut events = events.into_inner();
     let mut module_events = module_events.map(AsyncFd::into_inner);
     let mut sysctl_events = sysctl_events.map(AsyncFd::into_inner);

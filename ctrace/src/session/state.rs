@@ -18,10 +18,10 @@ use crate::{
     reload::{Finish, Lifecycle, LiveHost, ReloadWatch},
     report::{
         AggregatedDrops, CountedDrops, DropContext, DropRecord, Event, ModuleRecord, PacketDrop, ReattachedRecord,
-        SysctlWriteRecord,
+        Status, SysctlWriteRecord,
     },
     sinks::Sinks,
-    summary::Tally,
+    summary::{Split, Tally},
     sysctl_watch,
 };
 
@@ -66,6 +66,10 @@ pub(super) struct Session {
     pub(super) own_netns: u32,
     /// Where to arm the conntrack hook.
     pub(super) hook: crate::hook_steer::Steering,
+    /// Deletes the baselines of gone netns.
+    pub(super) pruner: crate::baselines::Pruner,
+    /// The probe mode's name, once chosen.
+    pub(super) mode: &'static str,
 }
 
 impl Session {
@@ -93,6 +97,8 @@ impl Session {
             reload,
             own_netns: netns::current_inode().unwrap_or(0),
             hook: Default::default(),
+            pruner: Default::default(),
+            mode: "",
         }
     }
 
@@ -156,9 +162,11 @@ impl Session {
         self.sinks.flush();
     }
 
-    pub(super) fn handle_module_record(&mut self, bytes: &[u8]) {
+    /// Returns whether nf_conntrack went away (its kprobes went with it).
+    pub(super) fn handle_module_record(&mut self, bytes: &[u8]) -> bool {
+        let mut gone = false;
         let Some(raw) = modules::parse_record(bytes) else {
-            return;
+            return gone;
         };
         for change in self.modules.feed(&raw, modules::holders, modules::is_loaded) {
             self.sinks
@@ -166,8 +174,10 @@ impl Session {
             if self.reload.module_changed(&change) == Some(Lifecycle::Gone) {
                 // The module's counters are gone: what was counted so far is kept.
                 self.counters.carry_over();
+                gone = true;
             }
         }
+        gone
     }
 
     pub(super) fn handle_sysctl_record(&mut self, bytes: &[u8]) {
@@ -288,14 +298,75 @@ impl Session {
         self.sinks.emit(Event::notice(notice));
     }
 
+    /// How often attribution fell back, counted in the kernel and here.
+    pub(super) fn attribution_stats(&self, tracer: &Tracer) -> anyhow::Result<crate::summary::AttributionStats> {
+        let mut a = tracer.attribution_stats()?;
+        a.baselines_pruned = self.pruner.pruned;
+        a.hooked_netns = self.hook.armed;
+        Ok(a)
+    }
+
+    /// The run's state for the sinks that show it: the kernel's exact totals, per netns where the kernel kept
+    /// the split, early_drop and the fill from the kernel's counters.
+    pub(super) fn status(&self, tracer: &Tracer) -> anyhow::Result<Status> {
+        let mut status = Status {
+            mode: self.mode,
+            drops: tracer.reason_totals()?.into_iter().collect(),
+            netns_split_lost: tracer.lost_netns_split()?,
+            conntrack_max: self.max,
+            events_lost: tracer.lost_events()?,
+            attribution: self.attribution_stats(tracer)?,
+            module_requests_unprivileged: self.modules.unprivileged,
+            probes: tracer.probes(),
+            ..Default::default()
+        };
+        for ((netns, reason), split) in tracer.netns_totals()? {
+            status.netns.entry(netns).or_default().drops.insert(reason, split);
+        }
+        let mut early_drop = 0;
+        for (netns, delta) in self.counters.deltas() {
+            let n = status.netns.entry(netns).or_default();
+            if self.early_drop_wanted {
+                early_drop += delta.early_drop;
+                n.drops.insert(
+                    Reason::EarlyDrop,
+                    Split {
+                        exact: delta.early_drop,
+                        uncertain: 0,
+                    },
+                );
+            }
+            n.kernel = Some(delta);
+            n.entries = self.counters.entries(netns);
+        }
+        if self.early_drop_wanted {
+            status.drops.insert(
+                Reason::EarlyDrop,
+                Split {
+                    exact: early_drop,
+                    uncertain: 0,
+                },
+            );
+        }
+        for (netns, n) in &mut status.netns {
+            n.name = self.registry.name(*netns);
+        }
+        Ok(status)
+    }
+
+    /// Hands the sinks that show state a fresh status.
+    pub(super) fn publish_status(&mut self, tracer: &Tracer) {
+        if !self.sinks.wants_status() {
+            return;
+        }
+        match self.status(tracer) {
+            Ok(status) => self.sinks.status(&status),
+            Err(e) => log::warn!("cannot read the in-kernel totals: {}", crate::brief(&e)),
+        }
+    }
+
     /// Once a second.
-    pub(super) fn tick(
-        &mut self,
-        ticks: u64,
-        events: &mut RingBuf<MapData>,
-        tracer: &mut Tracer,
-        pruner: &mut crate::baselines::Pruner,
-    ) {
+    pub(super) fn tick(&mut self, ticks: u64, events: &mut RingBuf<MapData>, tracer: &mut Tracer) {
         // Nobody reads the output any more (`| head`): the loop ends as a finished run.
         self.sinks.check_readers();
         self.max = netns::conntrack_max();
@@ -308,8 +379,9 @@ impl Session {
         if ticks.is_multiple_of(5) {
             self.registry.rescan();
             self.refresh_netns_sysctls();
-            pruner.prune(&self.registry, tracer);
+            self.pruner.prune(&self.registry, tracer);
         }
+        self.publish_status(tracer);
         self.sinks.flush();
     }
 }

@@ -2,16 +2,18 @@
 //! ignores the rest, so adding a sink (metrics, pcap) touches no other sink and not the session.
 
 mod json;
+mod metrics;
 mod stdout;
 mod text;
 
 pub use json::JsonSink;
+pub use metrics::{MetricsError, MetricsSink};
 pub use stdout::{Destination, Stdout};
 pub use text::{TextSink, summary_text};
 
 use std::io;
 
-use crate::report::Event;
+use crate::report::{Event, Status};
 
 pub trait Sink: Send {
     /// Takes one record. An error ends the run: the reader went away (`ctrace run | head`) or the sink
@@ -25,6 +27,24 @@ pub trait Sink: Send {
     /// a second.
     fn reader_gone(&self) -> bool {
         false
+    }
+
+    /// Whether the sink shows the run's state (`status` is then called once a second; reading the kernel's
+    /// totals costs a few map reads, so the session only does it when asked).
+    fn wants_status(&self) -> bool {
+        false
+    }
+
+    /// The run's state now.
+    fn status(&mut self, _status: &Status) {}
+}
+
+fn stdout_sink(json: bool, offset: time::UtcOffset) -> Box<dyn Sink> {
+    use std::io::IsTerminal as _;
+    if json {
+        Box::new(JsonSink::new(Stdout::new()))
+    } else {
+        Box::new(TextSink::new(Stdout::new(), offset, io::stdout().is_terminal()))
     }
 }
 
@@ -51,13 +71,25 @@ impl Sinks {
 
     /// The standard output of `ctrace run`: JSON Lines, or text (highlighted on a terminal).
     pub fn stdout(json: bool, offset: time::UtcOffset) -> Sinks {
-        use std::io::IsTerminal as _;
-        let sink: Box<dyn Sink> = if json {
-            Box::new(JsonSink::new(Stdout::new()))
-        } else {
-            Box::new(TextSink::new(Stdout::new(), offset, io::stdout().is_terminal()))
-        };
-        Sinks::new(vec![sink])
+        Sinks::new(vec![stdout_sink(json, offset)])
+    }
+
+    /// What `ctrace run` asked for: stdout (unless `quiet`) and the metrics endpoint (bound now, so a taken
+    /// port fails before anything is attached).
+    pub async fn for_run(
+        json: bool,
+        quiet: bool,
+        metrics: Option<std::net::SocketAddr>,
+        offset: time::UtcOffset,
+    ) -> Result<Sinks, MetricsError> {
+        let mut sinks = vec![];
+        if !quiet {
+            sinks.push(stdout_sink(json, offset));
+        }
+        if let Some(addr) = metrics {
+            sinks.push(Box::new(MetricsSink::bind(addr).await?) as Box<dyn Sink>);
+        }
+        Ok(Sinks::new(sinks))
     }
 
     pub fn emit(&mut self, event: Event) {
@@ -69,6 +101,16 @@ impl Sinks {
             if let Err(e) = sink.record(event) {
                 Self::note(&mut self.ended, e);
             }
+        }
+    }
+
+    pub fn wants_status(&self) -> bool {
+        self.sinks.iter().any(|s| s.wants_status())
+    }
+
+    pub fn status(&mut self, status: &Status) {
+        for sink in self.sinks.iter_mut().filter(|s| s.wants_status()) {
+            sink.status(status);
         }
     }
 

@@ -1,0 +1,204 @@
+//! `ctrace run --metrics` scraped by a real Prometheus (Debian's) while drops happen: what Prometheus stored must
+//! equal what the DROP rule and the kernel counted.
+
+use std::{
+    net::TcpListener,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use ctrace_tests::{Ctrace, SysctlGuard, TestNetns, require_root};
+use serde_json::Value;
+
+const MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
+/// How long Prometheus may take to scrape what happened (it scrapes every second).
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A port nothing listens on now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Prometheus scraping one target every second, storing in `dir`; killed when dropped.
+struct Prometheus {
+    child: Child,
+    url: String,
+}
+
+impl Prometheus {
+    fn start(dir: &Path, target: &str) -> Prometheus {
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n  - job_name: ctrace\n    \
+                 static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start prometheus: `cargo xtask test` installs Debian's prometheus package");
+        Prometheus {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// An instant query through promtool (the Prometheus project's own client): label set → value.
+    fn query(&self, expr: &str) -> Vec<(Value, f64)> {
+        let out = Command::new("promtool")
+            .args(["query", "instant", "-o", "json", &self.url, expr])
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            return vec![];
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|s| {
+                        let value = s["value"][1].as_str().and_then(|x| x.parse().ok()).unwrap_or(f64::NAN);
+                        (s["metric"].clone(), value)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The single value of `expr`, once it equals `want` (or the last one seen when the time is up).
+    fn wait_for(&self, expr: &str, want: f64) -> Option<f64> {
+        let deadline = Instant::now() + SCRAPE_TIMEOUT;
+        let mut last = None;
+        while Instant::now() < deadline {
+            last = self.query(expr).first().map(|(_, v)| *v);
+            if last == Some(want) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        last
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn prometheus_scrapes_the_exact_drop_counts() {
+    require_root();
+    let ns = TestNetns::new("metrics").unwrap();
+    ns.exec(&[
+        "iptables",
+        "-w",
+        "-I",
+        "OUTPUT",
+        "-p",
+        "udp",
+        "--dport",
+        "7",
+        "-m",
+        "comment",
+        "--comment",
+        "truth",
+        "-j",
+        "DROP",
+    ])
+    .unwrap();
+    let port = free_port();
+    let target = format!("127.0.0.1:{port}");
+    let ctrace = Ctrace::start(&["--netns", &ns.name, "--rate-limit", "0", "--metrics", &target]).unwrap();
+    let dir = tempdir();
+    let prometheus = Prometheus::start(&dir, &target);
+    assert_eq!(
+        prometheus.wait_for("up", 1.0),
+        Some(1.0),
+        "Prometheus never scraped ctrace"
+    );
+
+    let before = ns.counters().unwrap();
+    let (_, refused) = ns.udp_flows(0, 40, 7).unwrap();
+    let (_, failed) = {
+        let _max = SysctlGuard::set(MAX, "256").unwrap();
+        ns.udp_flows(100, 556, 9).unwrap()
+    };
+    let rule = ns.rule_packets("iptables", "filter", "OUTPUT", "truth").unwrap();
+    let delta = ns.counters().unwrap().since(&before);
+    println!(
+        "truth: rule counter {rule} ({refused} sends refused); kernel drop +{}; {failed} table-full sends failed",
+        delta.drop
+    );
+    assert!(
+        rule == 40 && delta.drop >= 250,
+        "the workload did not drop: rule {rule}, {delta:?}"
+    );
+
+    let netns = ns.inode();
+    let rule_seen = prometheus.wait_for(
+        &format!(r#"sum(ctrace_netns_drops_total{{netns="{netns}",reason="netfilter_rule"}})"#),
+        rule as f64,
+    );
+    let full_seen = prometheus.wait_for(
+        &format!(r#"sum(ctrace_netns_drops_total{{netns="{netns}",reason="table_full"}})"#),
+        delta.drop as f64,
+    );
+    let global_full = prometheus.wait_for(r#"sum(ctrace_drops_total{reason="table_full"})"#, delta.drop as f64);
+    let kernel = prometheus.wait_for(
+        &format!(r#"ctrace_kernel_conntrack_stat_total{{netns="{netns}",stat="drop"}}"#),
+        delta.drop as f64,
+    );
+    let name = prometheus.query(&format!(r#"ctrace_conntrack_entries{{netns="{netns}"}}"#));
+    println!(
+        "Prometheus: netfilter_rule {rule_seen:?}, table_full {full_seen:?} (all netns {global_full:?}), kernel stat drop \
+         {kernel:?}, entries series {name:?}"
+    );
+    assert_eq!(
+        rule_seen,
+        Some(rule as f64),
+        "netfilter_rule in Prometheus vs the DROP rule's counter"
+    );
+    assert_eq!(
+        full_seen,
+        Some(delta.drop as f64),
+        "table_full in Prometheus vs the kernel's drop counter"
+    );
+    assert_eq!(
+        global_full,
+        Some(delta.drop as f64),
+        "the only table_full drops were this netns's"
+    );
+    assert_eq!(kernel, Some(delta.drop as f64));
+    assert_eq!(
+        name.first().map(|(m, _)| m["netns_name"].clone()),
+        Some(Value::from(ns.name.clone()))
+    );
+    let lost = prometheus.query("ctrace_events_lost_total");
+    assert_eq!(lost.first().map(|(_, v)| *v), Some(0.0));
+    drop(prometheus);
+    let (_, summary) = ctrace.stop().unwrap();
+    assert_eq!(
+        summary["drops"]["table_full"], delta.drop,
+        "the summary agrees with the metrics"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A fresh directory for Prometheus's configuration and storage.
+fn tempdir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("ctrace-prometheus-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
