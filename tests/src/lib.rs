@@ -342,13 +342,21 @@ impl Ctrace {
     }
 
     /// Sends SIGINT and collects the rest of the output. Returns the summary.
-    pub fn stop(mut self) -> anyhow::Result<(Vec<Value>, Value)> {
+    pub fn stop(self) -> anyhow::Result<(Vec<Value>, Value)> {
+        self.stop_with(nix::sys::signal::SIGINT)
+    }
+
+    /// SIGKILL: ctrace gets no chance to clean up; waits until it is gone.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends `signal` and collects the rest of the output. Returns the summary.
+    pub fn stop_with(mut self, signal: nix::sys::signal::Signal) -> anyhow::Result<(Vec<Value>, Value)> {
         // Give the one-second counter poll a chance to see the last traffic.
         std::thread::sleep(Duration::from_millis(1500));
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::SIGINT,
-        )?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal)?;
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
             match self.lines.recv_timeout(Duration::from_millis(200)) {

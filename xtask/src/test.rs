@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Packages the host integration tests use (netns, iptables and nftables rules, conntrack statistics).
-pub const HOST_PACKAGES: &[&str] = &["iptables", "nftables", "conntrack", "iproute2", "prometheus"];
+pub const HOST_PACKAGES: &[&str] = &["iptables", "nftables", "conntrack", "iproute2", "prometheus", "bpftool"];
 /// Packages the VM tests use (QEMU, busybox initramfs, depmod).
 pub const VM_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "kmod", "cpio"];
 

@@ -26,10 +26,10 @@ use crate::report::{Event, Status};
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
     #[error(
-        "cannot serve metrics on {addr}: {source}; is another ctrace or exporter using that port? Choose another \
+        "cannot serve metrics on {addr}: {error}; is another ctrace or exporter using that port? Choose another \
          with --metrics ADDR:PORT"
     )]
-    Bind { addr: SocketAddr, source: io::Error },
+    Bind { addr: SocketAddr, error: io::Error },
 }
 
 /// What the endpoint shows: the last status and the record counts.
@@ -57,10 +57,10 @@ impl MetricsSink {
     pub async fn bind(addr: SocketAddr) -> Result<MetricsSink, MetricsError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|source| MetricsError::Bind { addr, source })?;
+            .map_err(|error| MetricsError::Bind { addr, error })?;
         let addr = listener
             .local_addr()
-            .map_err(|source| MetricsError::Bind { addr, source })?;
+            .map_err(|error| MetricsError::Bind { addr, error })?;
         let mut state = State::default();
         for action in ACTIONS {
             state.module_events.insert(("nf_conntrack".to_owned(), action), 0);
