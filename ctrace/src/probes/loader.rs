@@ -46,6 +46,10 @@ pub struct Tracer {
     kprobe_symbols: Option<super::kprobe::Symbols>,
     /// nf_conntrack was unloaded and its kprobes went with it (until `reattach_conntrack`).
     conntrack_gone: bool,
+    /// Kprobe mode: the conntrack kprobes are attached whenever nf_conntrack is there.
+    kprobe_mode: bool,
+    /// struct nf_conn's offsets are known, so evictions can be listed (kprobe mode).
+    evictions_listable: bool,
 }
 
 impl Tracer {
@@ -125,12 +129,16 @@ reload can reset its sysctls"
         let mut eviction_target = None;
         let mut kprobe_links = vec![];
         let mut kprobe_symbols = None;
+        let evictions_listable = kernel_layout.ct_tuple != 0;
         if let super::Plan::Kprobe(symbols) = plan {
-            kprobe_symbols = Some(symbols.clone());
+            // Loaded now even when nf_conntrack is not there yet: attaching is all that is left when it loads.
             super::kprobe::load_all(&mut ebpf)?;
-            kprobe_links = super::kprobe::attach_all(&mut ebpf, symbols)?;
-            if kernel_layout.ct_tuple != 0 {
-                eviction_target = symbols.ct_delete.clone();
+            if let Some(symbols) = symbols {
+                kprobe_symbols = Some(symbols.clone());
+                kprobe_links = super::kprobe::attach_all(&mut ebpf, symbols)?;
+                if evictions_listable {
+                    eviction_target = symbols.ct_delete.clone();
+                }
             }
         }
         let modules_unwatched = match &module_layout {
@@ -155,6 +163,8 @@ reload can reset its sysctls"
             conntrack_hook,
             kprobe_symbols,
             conntrack_gone: false,
+            kprobe_mode: kprobe_mode != 0,
+            evictions_listable,
         })
     }
 
@@ -232,16 +242,19 @@ reload can reset its sysctls"
         Ok(())
     }
 
-    /// After nf_conntrack came back: its old kprobes died with the old module; attach anew to
-    /// the new module's functions and start attribution baselines from zero (a reload zeroes
-    /// the kernel's counters). Returns the functions probed.
-    pub fn reattach_conntrack(&mut self) -> anyhow::Result<Vec<String>> {
+    /// After nf_conntrack came (back): the old kprobes died with the old module; attach anew to the new
+    /// module's functions and start attribution baselines from zero, for the netns that had one and for
+    /// `known_netns` (a load starts the kernel's counters at zero). Returns the functions probed.
+    pub fn reattach_conntrack(&mut self, known_netns: &[u32]) -> anyhow::Result<Vec<String>> {
         self.eviction_link = None;
         let ncpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
         let mut baseline: PerCpuHashMap<_, u32, Baseline> =
             PerCpuHashMap::try_from(self.ebpf.map_mut("BASELINE").context("BASELINE map missing")?)?;
-        let keys: Vec<u32> = baseline.keys().filter_map(Result::ok).collect();
-        // The reload zeroed every counter: zero is each known netns's new starting point.
+        let mut keys: Vec<u32> = baseline.keys().filter_map(Result::ok).collect();
+        keys.extend(known_netns);
+        keys.sort_unstable();
+        keys.dedup();
+        // The load zeroed every counter: zero is each known netns's new starting point.
         let zero = Baseline {
             state: baseline_state::SEEDED,
             ..Baseline::default()
@@ -251,7 +264,7 @@ reload can reset its sysctls"
         }
         // The new module's hook functions are elsewhere.
         set_conntrack_hook_functions(&mut self.ebpf)?;
-        if self.kprobe_links.is_empty() && self.eviction_target.is_none() {
+        if !self.kprobe_mode {
             return Ok(vec![]);
         }
         let old = std::mem::take(&mut self.kprobe_links);
@@ -259,7 +272,7 @@ reload can reset its sysctls"
         let symbols =
             super::kprobe::Symbols::find()?.context("nf_conntrack is back but early_drop is not in /proc/kallsyms")?;
         self.kprobe_links = super::kprobe::attach_all(&mut self.ebpf, &symbols)?;
-        if self.eviction_target.is_some() {
+        if self.evictions_listable {
             self.eviction_target = symbols.ct_delete.clone();
         }
         self.conntrack_gone = false;

@@ -30,7 +30,9 @@ pub struct Choice {
 #[derive(Clone, Debug)]
 pub enum Plan {
     Tracepoint,
-    Kprobe(kprobe::Symbols),
+    /// The nf_conntrack functions to probe; None while nf_conntrack is not loaded yet (a ctrace started before
+    /// the firewall): the probes are attached when it loads.
+    Kprobe(Option<kprobe::Symbols>),
 }
 
 impl Choice {
@@ -91,24 +93,30 @@ pub fn choose(requested: Mode) -> anyhow::Result<Choice> {
                 },
                 s.describe()
             );
-            (Plan::Kprobe(s), why)
+            (Plan::Kprobe(Some(s)), why)
         }
         (Mode::Kprobe, None) if !has_kprobes => {
             bail!("kprobe mode needs a kernel with CONFIG_KPROBES and this one has none: use --mode tracepoint")
         }
-        (Mode::Kprobe, None) => bail!(
-            "kprobe mode needs nf_conntrack loaded (early_drop is not in /proc/kallsyms): load it with \
-`modprobe nf_conntrack` or use --mode tracepoint"
-        ),
         (Mode::Auto, None) if !has_kprobes => (
             Plan::Tracepoint,
             "this kernel has no kprobes (CONFIG_KPROBES is off), so drops are seen at the skb:kfree_skb tracepoint"
                 .to_owned(),
         ),
+        (_, None) if crate::modules::kernel_has_modules() => (
+            Plan::Kprobe(None),
+            "this kernel has kprobes, but nf_conntrack is not loaded yet: its failure paths are probed the moment \
+it loads (a `reattached` record says so); until then drops are seen at the skb:kfree_skb tracepoint"
+                .to_owned(),
+        ),
+        (Mode::Kprobe, None) => bail!(
+            "kprobe mode needs nf_conntrack's early_drop, which is not in /proc/kallsyms (inlined, or conntrack not \
+built in): use --mode tracepoint"
+        ),
         (Mode::Auto, None) => (
             Plan::Tracepoint,
-            "nf_conntrack is not loaded (early_drop is not in /proc/kallsyms), so its functions cannot be \
-probed; drops are seen at the skb:kfree_skb tracepoint"
+            "nf_conntrack's early_drop is not in /proc/kallsyms (inlined, or conntrack not built in), so its \
+functions cannot be probed; drops are seen at the skb:kfree_skb tracepoint"
                 .to_owned(),
         ),
     };

@@ -207,7 +207,8 @@ impl Session {
                 for r in resets {
                     self.sinks.emit(r);
                 }
-                let event = match tracer.reattach_conntrack() {
+                let known: Vec<u32> = self.registry.known.keys().copied().collect();
+                let event = match tracer.reattach_conntrack(&known) {
                     Ok(probes) => Event::Reattached(ReattachedRecord {
                         ts: OffsetDateTime::now_utc(),
                         module: "nf_conntrack".into(),
