@@ -28,6 +28,10 @@ pub struct AggValue {
 }
 
 const MAX_PORTS: usize = 64;
+/// Most (reason, netns, protocol, destination) keys held in one second: past it, a flood's new destinations fold
+/// straight into their (reason, netns, protocol) line, so memory stays bounded whatever the traffic (drops still
+/// counted; `others` then counts at least the destinations it stands for).
+pub const MAX_KEYS: usize = 10_000;
 
 #[derive(Debug)]
 pub enum Admit {
@@ -73,13 +77,16 @@ impl RateLimiter {
         if self.limit == 0 || (!self.aggregating && self.in_window <= self.limit) {
             return Admit::Print;
         }
-        let key = AggKey {
+        let mut key = AggKey {
             reason: d.reason,
             uncertain: if d.uncertain() { d.possible } else { 0 },
             netns: d.netns,
             proto: d.flow.as_ref().map(|f| f.proto),
             dst: d.flow.as_ref().map(|f| f.dst),
         };
+        if self.aggs.len() >= MAX_KEYS && !self.aggs.contains_key(&key) {
+            key.dst = None;
+        }
         let v = self.aggs.entry(key).or_default();
         v.count += count;
         if let Some(f) = &d.flow {
@@ -126,6 +133,11 @@ pub fn fold(mut aggs: Vec<(AggKey, AggValue)>, max_lines: usize) -> Vec<(AggKey,
         .count();
     let rest = aggs.split_off(keep);
     let mut folded: BTreeMap<AggKey, AggValue> = BTreeMap::new();
+    // Lines without a destination (headers unread, or the window's key bound reached) are folded lines
+    // already: the rest joins them.
+    let (kept, no_dst): (Vec<_>, Vec<_>) = aggs.into_iter().partition(|(k, _)| k.dst.is_some());
+    aggs = kept;
+    folded.extend(no_dst);
     for (k, v) in rest {
         let e = folded.entry(AggKey { dst: None, ..k }).or_default();
         e.count += v.count;
@@ -223,6 +235,32 @@ mod tests {
             assert!(matches!(rl.admit(&drop_to(i), 1), Admit::Print));
         }
         assert!(rl.tick().aggregates.is_empty());
+    }
+
+    #[test]
+    fn a_window_holds_a_bounded_number_of_destinations() {
+        let mut rl = RateLimiter::new(1);
+        let flood = MAX_KEYS as u32 * 3;
+        for i in 0..flood {
+            let mut d = drop_to(80);
+            if let Some(f) = d.flow.as_mut() {
+                f.dst = std::net::IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            }
+            rl.admit(&d, 1);
+        }
+        let aggs = rl.tick().aggregates;
+        assert!(aggs.len() <= MAX_KEYS + 1, "{} keys", aggs.len());
+        assert_eq!(
+            aggs.iter().map(|(_, v)| v.count).sum::<u64>(),
+            flood as u64 - 1,
+            "every folded drop counted"
+        );
+        let lines = fold(aggs, 10);
+        assert_eq!(lines.len(), 1);
+        assert!(
+            lines[0].1.others >= MAX_KEYS as u64 - 1,
+            "at least the destinations kept apart"
+        );
     }
 
     #[test]

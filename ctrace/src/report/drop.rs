@@ -196,7 +196,8 @@ pub struct AggregatedDrops {
     /// only for uncertain drops: every reason still possible, `reason` first
     #[serde(skip_serializing_if = "Option::is_none")]
     pub possible: Option<Vec<&'static str>>,
-    /// on the record that folds the rest: how many other destinations it stands for
+    /// on the record that folds the rest: how many other destinations it stands for (at least: past 10,000
+    /// destinations in a second they are no longer told apart)
     #[serde(skip_serializing_if = "Option::is_none")]
     pub other_destinations: Option<u64>,
     /// the window, 1000
