@@ -147,6 +147,29 @@ impl TestNetns {
 
     /// The packet counter of the rule whose comment is `comment` (`-m comment --comment`), read with
     /// `iptables -vnxL`: the ruleset's own count of what it dropped. `tool` is iptables or ip6tables.
+    /// An iptables rule that drops every UDP packet this netns sends to `port`; its packet counter (read with
+    /// `rule_packets(.., "filter", "OUTPUT", comment)`) is the truth for the netfilter_rule drops.
+    pub fn drop_udp_to(&self, port: u16, comment: &str) -> anyhow::Result<()> {
+        let port = port.to_string();
+        self.exec(&[
+            "iptables",
+            "-w",
+            "-I",
+            "OUTPUT",
+            "-p",
+            "udp",
+            "--dport",
+            &port,
+            "-m",
+            "comment",
+            "--comment",
+            comment,
+            "-j",
+            "DROP",
+        ])
+        .map(drop)
+    }
+
     pub fn rule_packets(&self, tool: &str, table: &str, chain: &str, comment: &str) -> anyhow::Result<u64> {
         let text = self.exec(&[tool, "-w", "-t", table, "-vnxL", chain])?;
         rule_packets(&text, comment)

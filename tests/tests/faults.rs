@@ -83,23 +83,7 @@ fn sigterm_detaches_and_prints_the_summary() {
 fn two_runs_at_once_both_count_every_drop() {
     require_root();
     let ns = TestNetns::new("twice").unwrap();
-    ns.exec(&[
-        "iptables",
-        "-w",
-        "-I",
-        "OUTPUT",
-        "-p",
-        "udp",
-        "--dport",
-        "7",
-        "-m",
-        "comment",
-        "--comment",
-        "truth",
-        "-j",
-        "DROP",
-    ])
-    .unwrap();
+    ns.drop_udp_to(7, "truth").unwrap();
     let first = Ctrace::start(&["--netns", &ns.name, "--rate-limit", "0"]).unwrap();
     let second = Ctrace::start(&["--netns", &ns.name, "--rate-limit", "0"]).unwrap();
     let (_, refused) = ns.udp_flows(0, 30, 7).unwrap();

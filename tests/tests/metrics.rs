@@ -100,23 +100,7 @@ impl Drop for Prometheus {
 fn prometheus_scrapes_the_exact_drop_counts() {
     require_root();
     let ns = TestNetns::new("metrics").unwrap();
-    ns.exec(&[
-        "iptables",
-        "-w",
-        "-I",
-        "OUTPUT",
-        "-p",
-        "udp",
-        "--dport",
-        "7",
-        "-m",
-        "comment",
-        "--comment",
-        "truth",
-        "-j",
-        "DROP",
-    ])
-    .unwrap();
+    ns.drop_udp_to(7, "truth").unwrap();
     let port = free_port();
     let target = format!("127.0.0.1:{port}");
     let ctrace = Ctrace::start(&["--netns", &ns.name, "--rate-limit", "0", "--metrics", &target]).unwrap();

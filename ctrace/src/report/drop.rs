@@ -29,6 +29,36 @@ pub enum DropRecord {
     Counted(CountedDrops),
 }
 
+/// What every drop record says first: why, where, and how full that netns's table was.
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+pub struct DropPlace {
+    /// `table_full`, `early_drop`, `insert_failed`, `invalid` or `netfilter_rule`
+    pub reason: &'static str,
+    /// the network namespace's inode
+    pub netns: u32,
+    /// its `ip netns` name, when it has one
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns_name: Option<String>,
+    /// entries in the netns's conntrack table: its fill, with `table_max`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table_count: Option<u64>,
+    /// nf_conntrack_max
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub table_max: Option<u64>,
+}
+
+impl DropPlace {
+    pub fn new(reason: Reason, netns: u32, ctx: &DropContext) -> DropPlace {
+        DropPlace {
+            reason: reason.name(),
+            netns,
+            netns_name: ctx.netns_name.clone(),
+            table_count: ctx.table.map(|t| t.0),
+            table_max: ctx.table.map(|t| t.1),
+        }
+    }
+}
+
 /// The flow of a packet (its headers), flattened into the drop record.
 #[derive(Clone, Debug, Serialize, JsonSchema)]
 pub struct FlowFields {
@@ -78,19 +108,8 @@ pub struct PacketDrop {
     #[serde(with = "time::serde::rfc3339")]
     #[schemars(with = "String")]
     pub ts: OffsetDateTime,
-    /// `table_full`, `early_drop`, `insert_failed`, `invalid` or `netfilter_rule`
-    pub reason: &'static str,
-    /// the network namespace's inode
-    pub netns: u32,
-    /// its `ip netns` name, when it has one
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub netns_name: Option<String>,
-    /// entries in the netns's conntrack table: its fill, with `table_max`
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub table_count: Option<u64>,
-    /// nf_conntrack_max
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub table_max: Option<u64>,
+    #[serde(flatten)]
+    pub place: DropPlace,
     /// the packet's flow (absent when its headers could not be read); for an evicted entry, its
     /// original-direction flow
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
@@ -128,11 +147,7 @@ impl PacketDrop {
     pub fn new(ts: OffsetDateTime, d: &Drop, ctx: &DropContext) -> PacketDrop {
         PacketDrop {
             ts,
-            reason: d.reason.name(),
-            netns: d.netns,
-            netns_name: ctx.netns_name.clone(),
-            table_count: ctx.table.map(|t| t.0),
-            table_max: ctx.table.map(|t| t.1),
+            place: DropPlace::new(d.reason, d.netns, ctx),
             flow: d.flow.as_ref().map(FlowFields::from),
             count: 1,
             pid: d.process.as_ref().map(|p| p.pid),
@@ -158,19 +173,8 @@ pub struct AggregatedDrops {
     #[serde(with = "time::serde::rfc3339")]
     #[schemars(with = "String")]
     pub ts: OffsetDateTime,
-    /// as for one packet
-    pub reason: &'static str,
-    /// the network namespace's inode
-    pub netns: u32,
-    /// its `ip netns` name, when it has one
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub netns_name: Option<String>,
-    /// entries in the netns's conntrack table
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub table_count: Option<u64>,
-    /// nf_conntrack_max
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub table_max: Option<u64>,
+    #[serde(flatten)]
+    pub place: DropPlace,
     /// the protocol, when the headers were read
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proto: Option<String>,
@@ -215,11 +219,7 @@ impl AggregatedDrops {
         };
         AggregatedDrops {
             ts,
-            reason: key.reason.name(),
-            netns: key.netns,
-            netns_name: ctx.netns_name.clone(),
-            table_count: ctx.table.map(|t| t.0),
-            table_max: ctx.table.map(|t| t.1),
+            place: DropPlace::new(key.reason, key.netns, ctx),
             proto: key.proto.map(proto_name),
             dst: key.dst,
             dport: (ports && one_port).then(|| v.dports.iter().next().copied()).flatten(),
@@ -251,19 +251,9 @@ pub struct CountedDrops {
     #[serde(with = "time::serde::rfc3339")]
     #[schemars(with = "String")]
     pub ts: OffsetDateTime,
-    /// `early_drop`
-    pub reason: &'static str,
-    /// the network namespace's inode
-    pub netns: u32,
-    /// its `ip netns` name, when it has one
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub netns_name: Option<String>,
-    /// entries in the netns's conntrack table
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub table_count: Option<u64>,
-    /// nf_conntrack_max
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub table_max: Option<u64>,
+    /// `reason` is `early_drop`
+    #[serde(flatten)]
+    pub place: DropPlace,
     /// the evictions this record stands for
     pub count: u64,
     /// `"counters"`
@@ -276,11 +266,7 @@ impl CountedDrops {
     pub fn new(ts: OffsetDateTime, reason: Reason, netns: u32, ctx: &DropContext, count: u64) -> CountedDrops {
         CountedDrops {
             ts,
-            reason: reason.name(),
-            netns,
-            netns_name: ctx.netns_name.clone(),
-            table_count: ctx.table.map(|t| t.0),
-            table_max: ctx.table.map(|t| t.1),
+            place: DropPlace::new(reason, netns, ctx),
             count,
             source: "counters",
             attribution: Attribution::Counters.name(),

@@ -14,7 +14,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 pub use alert::{ModuleRecord, ReattachedRecord, SysctlResetRecord, SysctlWriteRecord};
-pub use drop::{AggregatedDrops, CountedDrops, DropContext, DropRecord, FlowFields, PacketDrop};
+pub use drop::{AggregatedDrops, CountedDrops, DropContext, DropPlace, DropRecord, FlowFields, PacketDrop};
 pub use status::{NetnsStatus, ProbeState, Status};
 pub use summary::{NetnsRecord, ReasonCounts, SummaryRecord, TopFlow, TopPort};
 

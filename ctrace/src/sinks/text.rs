@@ -9,8 +9,8 @@ use super::{Sink, stdout::Destination};
 use crate::{
     modules::errno_name,
     report::{
-        AggregatedDrops, CountedDrops, DropRecord, Event, FlowFields, ModuleRecord, PacketDrop, ReasonCounts,
-        SummaryRecord, SysctlResetRecord, SysctlWriteRecord,
+        AggregatedDrops, CountedDrops, DropPlace, DropRecord, Event, FlowFields, ModuleRecord, PacketDrop,
+        ReasonCounts, SummaryRecord, SysctlResetRecord, SysctlWriteRecord,
     },
 };
 use ctrace_common::Reason;
@@ -87,8 +87,8 @@ fn flow_columns(f: &FlowFields) -> (String, String, String) {
     (f.proto.clone(), endpoint(f.src, f.sport), dst)
 }
 
-fn table(count: Option<u64>, max: Option<u64>) -> String {
-    match (count, max) {
+fn table(place: &DropPlace) -> String {
+    match (place.table_count, place.table_max) {
         (Some(c), Some(m)) => format!("{c}/{m}"),
         _ => "-".into(),
     }
@@ -158,15 +158,15 @@ impl<D: Destination> TextSink<D> {
         };
         suffix.push_str(&uncertain_suffix(&d.possible));
         let row = Row {
-            netns: netns_label(d.netns, d.netns_name.as_deref()),
-            reason: reason_label(d.reason, d.uncertain()),
+            netns: netns_label(d.place.netns, d.place.netns_name.as_deref()),
+            reason: reason_label(d.place.reason, d.uncertain()),
             proto,
             src,
             dst,
             process,
             suffix,
         };
-        self.row(d.ts, row, table(d.table_count, d.table_max))
+        self.row(d.ts, row, table(&d.place))
     }
 
     fn aggregated(&mut self, a: &AggregatedDrops) -> io::Result<()> {
@@ -188,28 +188,28 @@ impl<D: Destination> TextSink<D> {
             _ => "?".into(),
         };
         let row = Row {
-            netns: netns_label(a.netns, a.netns_name.as_deref()),
-            reason: reason_label(a.reason, a.possible.is_some()),
+            netns: netns_label(a.place.netns, a.place.netns_name.as_deref()),
+            reason: reason_label(a.place.reason, a.possible.is_some()),
             proto: a.proto.clone().unwrap_or_else(|| "?".into()),
             src: format!("x{} in 1s (aggregated)", a.count),
             dst,
             process: "-".into(),
             suffix: uncertain_suffix(&a.possible),
         };
-        self.row(a.ts, row, table(a.table_count, a.table_max))
+        self.row(a.ts, row, table(&a.place))
     }
 
     fn counted(&mut self, c: &CountedDrops) -> io::Result<()> {
         let row = Row {
-            netns: netns_label(c.netns, c.netns_name.as_deref()),
-            reason: reason_label(c.reason, false),
+            netns: netns_label(c.place.netns, c.place.netns_name.as_deref()),
+            reason: reason_label(c.place.reason, false),
             proto: "*".into(),
             src: format!("{} entries evicted", c.count),
             dst: "(from kernel counters)".into(),
             process: "-".into(),
             suffix: String::new(),
         };
-        self.row(c.ts, row, table(c.table_count, c.table_max))
+        self.row(c.ts, row, table(&c.place))
     }
 
     fn module(&mut self, m: &ModuleRecord) -> io::Result<()> {
