@@ -17,6 +17,7 @@ use anyhow::{Context as _, bail};
 use serde_json::Value;
 
 pub mod packets;
+pub mod prometheus;
 pub mod threads;
 pub mod topology;
 
@@ -291,12 +292,17 @@ impl Ctrace {
     /// CTRACE_TEST_EXPECT_MODE when that is set (the VM runs set it). The bounds are generous for emulated
     /// guests, where start-up (BTF parsing, verification) is slow.
     pub fn start(args: &[&str]) -> anyhow::Result<Ctrace> {
-        let mut child = Command::new(ctrace_bin())
+        Ctrace::start_command(Command::new(ctrace_bin()), args)
+    }
+
+    /// As [`Ctrace::start`], with `cmd` as the start of the command line (ctrace itself, or a wrapper such as
+    /// `setpriv ... -- ctrace`); its stderr goes where `cmd` sends it.
+    pub fn start_command(mut cmd: Command, args: &[&str]) -> anyhow::Result<Ctrace> {
+        let mut child = cmd
             .arg("run")
             .arg("--json")
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
             .spawn()
             .context("cannot start ctrace")?;
         let stdout = child.stdout.take().context("no stdout")?;

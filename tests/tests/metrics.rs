@@ -1,101 +1,14 @@
 //! `ctrace run --metrics` scraped by a real Prometheus (Debian's) while drops happen: what Prometheus stored must
 //! equal what the DROP rule and the kernel counted.
 
-use std::{
-    net::TcpListener,
-    path::Path,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+use ctrace_tests::{
+    Ctrace, SysctlGuard, TestNetns,
+    prometheus::{Prometheus, free_port, tempdir},
+    require_root,
 };
-
-use ctrace_tests::{Ctrace, SysctlGuard, TestNetns, require_root};
 use serde_json::Value;
 
 const MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
-/// How long Prometheus may take to scrape what happened (it scrapes every second).
-const SCRAPE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A port nothing listens on now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Prometheus scraping one target every second, storing in `dir`; killed when dropped.
-struct Prometheus {
-    child: Child,
-    url: String,
-}
-
-impl Prometheus {
-    fn start(dir: &Path, target: &str) -> Prometheus {
-        let config = dir.join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\nscrape_configs:\n  - job_name: ctrace\n    \
-                 static_configs:\n      - targets: ['{target}']\n"
-            ),
-        )
-        .unwrap();
-        let port = free_port();
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start prometheus: `cargo xtask test` installs Debian's prometheus package");
-        Prometheus {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-        }
-    }
-
-    /// An instant query through promtool (the Prometheus project's own client): label set → value.
-    fn query(&self, expr: &str) -> Vec<(Value, f64)> {
-        let out = Command::new("promtool")
-            .args(["query", "instant", "-o", "json", &self.url, expr])
-            .output()
-            .unwrap();
-        if !out.status.success() {
-            return vec![];
-        }
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        v.as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|s| {
-                        let value = s["value"][1].as_str().and_then(|x| x.parse().ok()).unwrap_or(f64::NAN);
-                        (s["metric"].clone(), value)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// The single value of `expr`, once it equals `want` (or the last one seen when the time is up).
-    fn wait_for(&self, expr: &str, want: f64) -> Option<f64> {
-        let deadline = Instant::now() + SCRAPE_TIMEOUT;
-        let mut last = None;
-        while Instant::now() < deadline {
-            last = self.query(expr).first().map(|(_, v)| *v);
-            if last == Some(want) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        last
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn prometheus_scrapes_the_exact_drop_counts() {
     require_root();
@@ -104,7 +17,7 @@ fn prometheus_scrapes_the_exact_drop_counts() {
     let port = free_port();
     let target = format!("127.0.0.1:{port}");
     let ctrace = Ctrace::start(&["--netns", &ns.name, "--rate-limit", "0", "--metrics", &target]).unwrap();
-    let dir = tempdir();
+    let dir = tempdir("metrics");
     let prometheus = Prometheus::start(&dir, &target);
     assert_eq!(
         prometheus.wait_for("up", 1.0),
@@ -177,12 +90,4 @@ fn prometheus_scrapes_the_exact_drop_counts() {
         "the summary agrees with the metrics"
     );
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// A fresh directory for Prometheus's configuration and storage.
-fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("ctrace-prometheus-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
