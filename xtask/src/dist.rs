@@ -23,6 +23,7 @@ pub fn dist(ws: &Path) -> Result<PathBuf> {
         dest.display(),
         size as f64 / (1024.0 * 1024.0)
     );
+    crate::package::write(ws, &dest)?;
     Ok(dest)
 }
 

@@ -6,8 +6,10 @@
 mod build;
 mod debian;
 mod demo_vm;
+mod deploy_checks;
 mod dist;
 mod guest;
+mod package;
 mod run;
 mod setup;
 mod test;
@@ -36,7 +38,8 @@ enum Command {
     Build(build::BuildArgs),
     /// Builds ctrace and runs it as root: `cargo xtask run -- demo`.
     Run(run::RunArgs),
-    /// Builds one static binary with the eBPF object embedded: target/dist/ctrace.
+    /// Builds one static binary with the eBPF object embedded (target/dist/ctrace), its man pages and shell
+    /// completions, and a Debian package.
     Dist,
     /// Runs the unit tests and the integration tests.
     Test(test::TestArgs),

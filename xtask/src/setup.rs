@@ -30,6 +30,7 @@ pub fn setup(ws: &Path) -> Result<()> {
         .iter()
         .chain(crate::test::HOST_PACKAGES)
         .chain(crate::test::VM_PACKAGES)
+        .chain(crate::deploy_checks::PACKAGES.iter().chain(crate::package::PACKAGES))
     {
         if !packages.contains(pkg) {
             packages.push(pkg);

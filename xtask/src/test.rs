@@ -65,6 +65,18 @@ impl Step {
 const STEPS: &[Step] = &[
     Step::new("unit tests", Kind::Unit, &[], unit_tests),
     Step::new("host integration tests", Kind::Host, HOST_PACKAGES, host_tests),
+    Step::new(
+        "deployment files",
+        Kind::Host,
+        crate::deploy_checks::PACKAGES,
+        crate::deploy_checks::run,
+    ),
+    Step::new(
+        "Debian package",
+        Kind::Host,
+        crate::package::PACKAGES,
+        crate::package::test_package,
+    ),
     Step::new("VM tests", Kind::Vm, VM_PACKAGES, crate::vm_tests::run_all),
     Step::new(
         "VM attribution matrix",
