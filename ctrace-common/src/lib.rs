@@ -49,10 +49,15 @@ impl Reason {
 mod attribution;
 pub use attribution::{Attribution, Evidence, Verdict, classify};
 
-/// Set in `DropEvent::flags`.
 /// Netns the conntrack hook can be armed in at once (each holds 8 netfilter links and a netns reference).
 pub const MAX_HOOKED_NETNS: u32 = 64;
+/// (netns, reason) pairs the kernel keeps exact per-netns totals for (`NETNS_TOTALS`); drops of further pairs
+/// still count in the global totals and are counted as `losses::NETNS_SPLIT`.
+pub const MAX_NETNS_REASONS: u32 = 4096;
+/// Netns the kernel keeps per-CPU counter baselines for (`BASELINE`, least recently used make room).
+pub const MAX_BASELINE_NETNS: u32 = 16384;
 
+/// Set in `DropEvent::flags`.
 pub mod flags {
     /// The packet came from a local socket in process context (no input device yet):
     /// `pid`/`comm` name the sender.

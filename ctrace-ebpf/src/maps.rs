@@ -4,7 +4,10 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use ctrace_common::{Baseline, MAX_HOOKED_NETNS, NetnsReasonKey, Reason, UNCERTAIN_BIT, losses, totals_index};
+use ctrace_common::{
+    Baseline, MAX_BASELINE_NETNS, MAX_HOOKED_NETNS, MAX_NETNS_REASONS, NetnsReasonKey, Reason, UNCERTAIN_BIT, losses,
+    totals_index,
+};
 
 /// Per-event records for userspace. When it is full the event is counted in `LOSSES`, never silently dropped.
 #[map]
@@ -17,7 +20,7 @@ pub static REASON_TOTALS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2 * R
 
 /// Exact totals per (netns, reason | UNCERTAIN_BIT when uncertain).
 #[map]
-pub static NETNS_TOTALS: PerCpuHashMap<NetnsReasonKey, u64> = PerCpuHashMap::with_max_entries(4096, 0);
+pub static NETNS_TOTALS: PerCpuHashMap<NetnsReasonKey, u64> = PerCpuHashMap::with_max_entries(MAX_NETNS_REASONS, 0);
 
 /// What could not be recorded or decided, by `ctrace_common::losses` index.
 #[map]
@@ -27,7 +30,7 @@ pub static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(losses::COUN
 /// netns (typically ones that are gone) make room; a lookup that then misses is counted as NO_BASELINE.
 /// Inode numbers are reused, so each slot also holds the netns's generation (cookie or `struct net`).
 #[map]
-pub static BASELINE: LruPerCpuHashMap<u32, Baseline> = LruPerCpuHashMap::with_max_entries(16384, 0);
+pub static BASELINE: LruPerCpuHashMap<u32, Baseline> = LruPerCpuHashMap::with_max_entries(MAX_BASELINE_NETNS, 0);
 
 /// Netns where userspace armed the conntrack hook (netfilter programs right before and right after
 /// conntrack's hook, 6.4+), by inode, with the bpf_ktime from which its evidence counts.

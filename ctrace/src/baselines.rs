@@ -14,6 +14,11 @@ pub struct Pruner {
     absent_before: HashSet<u32>,
     /// Baselines deleted so far.
     pub pruned: u64,
+    /// The baseline keys at the previous scan, after pruning.
+    keys_before: HashSet<u32>,
+    /// Baselines the kernel's LRU evicted to make room (keys gone between two scans that ctrace did not delete;
+    /// one inserted and evicted between two scans is not seen, so this is a lower bound).
+    pub evicted: u64,
 }
 
 impl Pruner {
@@ -21,17 +26,28 @@ impl Pruner {
     /// cannot be read now is read again at the next scan.
     /// The conntrack hook's links hold a reference on their netns: they go with it.
     pub fn prune(&mut self, registry: &Registry, tracer: &mut Tracer) {
-        let Ok(mut keys) = tracer.baseline_netns() else { return };
+        let Ok(baselines) = tracer.baseline_netns() else { return };
+        self.count_evictions(&baselines);
+        let mut keys = baselines;
         keys.extend(tracer.hooked_netns());
         keys.sort_unstable();
         keys.dedup();
         let gone = self.gone(&keys, |n| registry.known.contains_key(&n));
         if !gone.is_empty() {
             let _ = tracer.forget_baselines(&gone);
-            for n in gone {
-                tracer.disarm_conntrack_hook(n);
+            for n in &gone {
+                tracer.disarm_conntrack_hook(*n);
+                self.keys_before.remove(n);
             }
         }
+    }
+
+    /// Counts the keys of the previous scan that are missing now (ctrace deleted none since: `prune` takes its
+    /// own deletions out of `keys_before`).
+    pub fn count_evictions(&mut self, keys: &[u32]) {
+        let now: HashSet<u32> = keys.iter().copied().collect();
+        self.evicted += self.keys_before.difference(&now).count() as u64;
+        self.keys_before = now;
     }
 
     /// Given the netns that have a baseline and whether a scan found each, returns those to delete now.
@@ -56,6 +72,17 @@ mod tests {
         assert_eq!(p.gone(&[1, 2], live), [2]);
         assert!(p.gone(&[1], live).is_empty());
         assert_eq!(p.pruned, 1);
+    }
+
+    #[test]
+    fn keys_that_vanish_without_pruning_were_evicted() {
+        let mut p = Pruner::default();
+        p.count_evictions(&[1, 2, 3]);
+        p.count_evictions(&[2, 3, 4]);
+        assert_eq!(p.evicted, 1);
+        p.keys_before.remove(&4); // pruned by ctrace itself
+        p.count_evictions(&[2, 3]);
+        assert_eq!(p.evicted, 1);
     }
 
     #[test]

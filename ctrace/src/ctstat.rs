@@ -82,6 +82,18 @@ impl CounterDelta {
     }
 }
 
+impl std::ops::Add for CounterDelta {
+    type Output = CounterDelta;
+    fn add(self, o: CounterDelta) -> CounterDelta {
+        CounterDelta {
+            drop: self.drop + o.drop,
+            early_drop: self.early_drop + o.early_drop,
+            insert_failed: self.insert_failed + o.insert_failed,
+            invalid: self.invalid + o.invalid,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

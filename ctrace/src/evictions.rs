@@ -45,6 +45,14 @@ impl Evictions {
         lines
     }
 
+    /// Netns whose counters are no longer kept one by one (see `KernelCounters::retire_gone`).
+    pub fn forget(&mut self, netns: &[u32]) {
+        for n in netns {
+            self.listed.remove(n);
+            self.counted.remove(n);
+        }
+    }
+
     /// Whether the probe should be armed (`Some(true)`) or disarmed (`Some(false)`) at this fill of the fullest
     /// table; `None`: leave it as it is.
     pub fn steer(&self, fill: f64) -> Option<bool> {

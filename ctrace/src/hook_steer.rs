@@ -12,9 +12,10 @@ pub struct Steering {
     /// Netns it was tried in (armed or failed): not tried again this run.
     tried: BTreeSet<u32>,
     said_unavailable: bool,
-    said_full: bool,
     /// Netns armed so far.
     pub armed: u64,
+    /// Netns with uncertain drops left without the hook because MAX_HOOKED_NETNS were armed (`bounds` says so).
+    pub refused: u64,
 }
 
 impl Steering {
@@ -57,15 +58,7 @@ impl Steering {
                          its ct-less drops are exact from now on"
                     )));
                 }
-                Ok(false) if !self.said_full => {
-                    self.said_full = true;
-                    out.push(Event::notice(format!(
-                        "netns {label}: the conntrack hook is armed in {} netns already (the bound): drops here \
-                         stay uncertain where the counters cannot tell",
-                        ctrace_common::MAX_HOOKED_NETNS
-                    )));
-                }
-                Ok(false) => {}
+                Ok(false) => self.refused += 1,
                 Err(e) => out.push(Event::notice(format!(
                     "netns {label}: the conntrack hook could not be armed: {}",
                     crate::brief(&e)

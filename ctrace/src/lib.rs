@@ -10,6 +10,7 @@
 
 pub mod aggregate;
 pub mod baselines;
+pub mod bounds;
 pub mod btf;
 pub mod check;
 pub mod cli;

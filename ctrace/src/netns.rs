@@ -34,11 +34,20 @@ pub struct Registry {
     pub known: HashMap<u32, NetnsInfo>,
     /// When an unknown netns last caused a rescan.
     last_lookup: Option<std::time::Instant>,
+    /// Netns a rescan did not find (no bind mount, no task inside, e.g. kept by a file descriptor): drops from
+    /// them rescan no more until the next periodic `rescan`, which looks for every netns anyway.
+    unresolved: std::collections::HashSet<u32>,
+    /// Rescans caused by drops from unknown netns.
+    pub lookups: u64,
+    /// Drops from an unknown netns that were not looked up at once (the rate limit, or a full `unresolved`).
+    pub deferred: u64,
 }
 
 /// A drop from an unknown netns rescans /proc at most this often: anyone can create netns by the thousand
 /// (unprivileged user namespaces), and a rescan reads every task's namespace link.
 pub const LOOKUP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Most netns remembered as not found between two periodic rescans.
+pub const MAX_UNRESOLVED: usize = 4096;
 
 pub const NETNS_RUN_DIR: &str = "/run/netns";
 
@@ -58,20 +67,35 @@ impl Registry {
         r
     }
 
-    /// Makes sure `netns` is known if it can be: rescans when it is not, at most once per LOOKUP_INTERVAL
-    /// (until then its events carry no name).
+    /// Makes sure `netns` is known if it can be: rescans when it is neither known nor already looked for since
+    /// the last periodic rescan, at most once per LOOKUP_INTERVAL (until then its events carry no name).
     pub fn learn(&mut self, netns: u32) {
-        if netns == 0 || self.known.contains_key(&netns) {
+        self.learn_with(netns, Self::scan_tasks);
+    }
+
+    fn learn_with(&mut self, netns: u32, scan: impl FnOnce(&mut Self)) {
+        if netns == 0 || self.known.contains_key(&netns) || self.unresolved.contains(&netns) {
             return;
         }
-        if self.last_lookup.is_some_and(|t| t.elapsed() < LOOKUP_INTERVAL) {
+        if self.last_lookup.is_some_and(|t| t.elapsed() < LOOKUP_INTERVAL) || self.unresolved.len() >= MAX_UNRESOLVED {
+            self.deferred += 1;
             return;
         }
         self.last_lookup = Some(std::time::Instant::now());
-        self.rescan();
+        self.lookups += 1;
+        scan(self);
+        if !self.known.contains_key(&netns) {
+            self.unresolved.insert(netns);
+        }
     }
 
+    /// The periodic full scan: every netns is looked for again.
     pub fn rescan(&mut self) {
+        self.unresolved.clear();
+        self.scan_tasks();
+    }
+
+    fn scan_tasks(&mut self) {
         let mut known: HashMap<u32, NetnsInfo> = HashMap::new();
         if let Ok(dir) = fs::read_dir(NETNS_RUN_DIR) {
             for e in dir.flatten() {
@@ -201,18 +225,34 @@ mod tests {
     }
 
     #[test]
-    fn unknown_netns_rescan_at_most_once_a_second() {
+    fn unknown_netns_lookups_are_rate_limited_and_cached() {
         let mut r = Registry::default();
-        r.learn(u32::MAX);
-        let first = r.last_lookup.expect("an unknown netns rescans");
-        r.learn(u32::MAX - 1);
+        let mut scans = 0;
+        r.learn_with(u32::MAX, |_| scans += 1);
+        assert_eq!((scans, r.lookups, r.deferred), (1, 1, 0), "an unknown netns rescans");
+        r.learn_with(u32::MAX - 1, |_| scans += 1);
+        assert_eq!((scans, r.deferred), (1, 1), "a second one within the interval does not");
+        r.last_lookup = Some(std::time::Instant::now() - LOOKUP_INTERVAL);
+        r.learn_with(u32::MAX, |_| scans += 1);
         assert_eq!(
-            r.last_lookup,
-            Some(first),
-            "a second unknown netns within the interval does not"
+            (scans, r.deferred),
+            (1, 1),
+            "one the last scan did not find waits for the periodic scan"
         );
-        r.known.insert(7, NetnsInfo::default());
-        r.learn(7);
-        assert_eq!(r.last_lookup, Some(first), "a known one never does");
+        r.learn_with(u32::MAX - 1, |_| scans += 1);
+        assert_eq!(scans, 2, "after the interval another unknown one rescans");
+        // The scan may find it: then it is known and never looked up again.
+        r.last_lookup = Some(std::time::Instant::now() - LOOKUP_INTERVAL);
+        r.learn_with(7, |reg| {
+            reg.known.insert(7, NetnsInfo::default());
+        });
+        r.learn_with(7, |_| scans += 1);
+        assert_eq!((scans, r.lookups), (2, 3));
+        assert!(!r.unresolved.contains(&7));
+        // The periodic rescan forgets what was not found.
+        r.unresolved.clear();
+        r.last_lookup = None;
+        r.learn_with(u32::MAX, |_| scans += 1);
+        assert_eq!(scans, 3);
     }
 }

@@ -19,8 +19,8 @@ use crate::{
 
 /// A reloaded module that is not live after this long is given up on (said once).
 const INIT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most other network namespaces whose per-netns keys are kept.
-const MAX_NETNS: usize = 256;
+/// Most other network namespaces whose per-netns keys are kept (the session says when there are more).
+const MAX_NETNS: usize = crate::bounds::NETNS_SYSCTLS;
 
 /// What the state machine reads from the running system (a fake one in the tests).
 pub trait ModuleHost {

@@ -123,6 +123,8 @@ pub struct Summary {
     pub untracked: u64,
     /// modprobe/rmmod runs and delete_module calls of callers that could not change a module (ignored).
     pub module_requests_unprivileged: u64,
+    /// Every bound on per-netns state: its limit, whether it was reached, what it cost.
+    pub bounds: crate::bounds::BoundsSummary,
 }
 
 impl Summary {
@@ -147,6 +149,7 @@ pub struct Inputs<'a> {
     pub lost: u64,
     pub attribution: AttributionStats,
     pub module_requests_unprivileged: u64,
+    pub bounds: crate::bounds::BoundsSummary,
 }
 
 /// The summary: the kernel's exact totals, early_drop from the kernel's counters (evictions carry no packet),
@@ -161,6 +164,7 @@ pub fn assemble(i: Inputs<'_>, name: impl Fn(u32) -> Option<String>) -> Summary 
         untracked: i.tally.untracked,
         module_requests_unprivileged: i.module_requests_unprivileged,
         attribution: i.attribution,
+        bounds: i.bounds,
         ..Default::default()
     };
     for (r, c) in i.totals {
@@ -173,7 +177,8 @@ pub fn assemble(i: Inputs<'_>, name: impl Fn(u32) -> Option<String>) -> Summary 
         ns.drops.insert(*r, c.total());
         ns.uncertain.insert(*r, c.uncertain);
     }
-    let mut early_total = 0;
+    // Ended netns beyond the bound are summed: in the total, not per netns.
+    let mut early_total = i.kernel.folded_delta.early_drop;
     for (n, delta) in i.kernel.deltas() {
         if delta.is_zero() && !by_netns.contains_key(&n) {
             continue;
@@ -275,6 +280,7 @@ mod tests {
             lost: 0,
             attribution: AttributionStats::default(),
             module_requests_unprivileged: 0,
+            bounds: Default::default(),
         };
         let s = assemble(inputs(true), |n| (n == 5).then(|| "blue".to_owned()));
         assert_eq!(s.drops[&Reason::TableFull], 10);

@@ -16,6 +16,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
+pub mod flood;
 pub mod packets;
 pub mod prometheus;
 pub mod threads;

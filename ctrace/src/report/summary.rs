@@ -113,6 +113,9 @@ pub struct SummaryRecord {
     /// modprobe/rmmod runs and `delete_module` calls of callers without CAP_SYS_MODULE in the init user
     /// namespace: they cannot change a module, so they raise no module event
     pub module_requests_unprivileged: u64,
+    /// every bound on per-netns state: its limit, whether it was reached, what it cost (see "Bounds on per-netns
+    /// state"); the totals stay exact past every one
+    pub bounds: crate::bounds::BoundsSummary,
     /// per network namespace
     pub by_netns: Vec<NetnsRecord>,
     /// the most dropped destinations
@@ -135,6 +138,7 @@ impl SummaryRecord {
             attribution: s.attribution,
             lost: s.lost,
             module_requests_unprivileged: s.module_requests_unprivileged,
+            bounds: s.bounds,
             by_netns: s
                 .netns
                 .iter()

@@ -75,7 +75,7 @@ pub async fn run(args: RunArgs, sinks: Sinks, hooks: Hooks) -> anyhow::Result<Su
         host: args.host,
         reasons: args.reason.clone(),
     };
-    let mut tracer = Tracer::start(&choice.plan, &filters, &s.counters.initial())?;
+    let mut tracer = Tracer::start(&choice.plan, &filters, &s.counters.take_initial())?;
     s.mode = choice.name();
     s.clock = Clock::now();
     let started = Instant::now();
@@ -181,8 +181,8 @@ carry no flow)",
     let totals = tracer.reason_totals()?;
     let per_netns = tracer.netns_totals()?;
     let lost = tracer.lost_events()?;
-    let lost_split = tracer.lost_netns_split()?;
     let attribution = s.attribution_stats(&tracer)?;
+    s.observe_bounds(&tracer);
     // The last state, for a scrape before the exit.
     s.publish_status(&tracer);
     let mut events = events.into_inner();
@@ -195,7 +195,7 @@ carry no flow)",
     for r in sysctl_events.as_mut().map(records).unwrap_or_default() {
         s.handle_sysctl_record(&r);
     }
-    s.poll_counters();
+    s.poll_counters(true);
     s.drain(&mut events);
     s.report_counted_evictions();
     s.flush_aggregates();
@@ -212,14 +212,10 @@ carry no flow)",
             lost,
             attribution,
             module_requests_unprivileged: s.modules.unprivileged,
+            bounds: s.bounds,
         },
         |n| s.registry.name(n),
     );
-    if lost_split > 0 {
-        s.sinks.emit(Event::notice(format!(
-            "{lost_split} drops are in the totals but not in the per-netns split (more netns than ctrace tracks)"
-        )));
-    }
     s.sinks.emit(Event::Summary(Box::new(SummaryRecord::new(
         OffsetDateTime::now_utc(),
         &summary,

@@ -9,6 +9,7 @@ use time::OffsetDateTime;
 
 use crate::{
     aggregate::{self, Admit, RateLimiter},
+    bounds::{Bound, BoundsSummary},
     event,
     evictions::Evictions,
     kernel_counters::KernelCounters,
@@ -70,6 +71,8 @@ pub(super) struct Session {
     pub(super) pruner: crate::baselines::Pruner,
     /// The probe mode's name, once chosen.
     pub(super) mode: &'static str,
+    /// The bounds on per-netns state and what they cost.
+    pub(super) bounds: BoundsSummary,
 }
 
 impl Session {
@@ -99,6 +102,7 @@ impl Session {
             hook: Default::default(),
             pruner: Default::default(),
             mode: "",
+            bounds: BoundsSummary::default(),
         }
     }
 
@@ -231,15 +235,40 @@ impl Session {
     pub(super) fn refresh_netns_sysctls(&mut self) {
         let own = self.own_netns;
         let ids = self.watched_ids().into_iter().filter(|&n| n != own);
-        self.reload.refresh_netns(&LiveHost(&self.registry), ids);
+        let (ids, left_out) = crate::bounds::take_bounded(ids, crate::bounds::NETNS_SYSCTLS);
+        self.observe_bound(Bound::NetnsSysctls, left_out);
+        self.reload.refresh_netns(&LiveHost(&self.registry), ids.into_iter());
     }
 
-    /// Reads every watched netns's counters.
-    pub(super) fn poll_counters(&mut self) {
-        for n in self.watched_ids() {
+    /// Reads the watched netns's counters: all of them, or this tick's turn when there are more than a tick's
+    /// reads.
+    pub(super) fn poll_counters(&mut self, all: bool) {
+        for n in self.counters.due(self.watched_ids(), all) {
             if let Ok(now) = self.registry.read_stats(n) {
                 self.counters.update(n, now);
             }
+        }
+    }
+
+    /// Records what `bound` cost so far; the first time it is reached, says so.
+    fn observe_bound(&mut self, bound: Bound, count: u64) {
+        if let Some(notice) = self.bounds.observe(bound, count) {
+            self.sinks.emit(Event::notice(notice));
+        }
+    }
+
+    /// Every bound on per-netns state: what it cost so far, and a notice the first time it is reached.
+    pub(super) fn observe_bounds(&mut self, tracer: &Tracer) {
+        let costs = [
+            (Bound::NetnsTotals, tracer.lost_netns_split().unwrap_or(0)),
+            (Bound::Baselines, self.pruner.evicted),
+            (Bound::HookedNetns, self.hook.refused),
+            (Bound::CounterReads, self.counters.ticks_over_budget),
+            (Bound::RetiredNetns, self.counters.folded),
+            (Bound::NetnsLookups, self.registry.deferred),
+        ];
+        for (bound, cost) in costs {
+            self.observe_bound(bound, cost);
         }
     }
 
@@ -372,7 +401,7 @@ impl Session {
         self.sinks.check_readers();
         self.max = netns::conntrack_max();
         self.refresh_sysctls();
-        self.poll_counters();
+        self.poll_counters(false);
         self.drain(events);
         self.report_counted_evictions();
         self.flush_aggregates();
@@ -381,7 +410,11 @@ impl Session {
             self.registry.rescan();
             self.refresh_netns_sysctls();
             self.pruner.prune(&self.registry, tracer);
+            let registry = &self.registry;
+            let forgotten = self.counters.retire_gone(|n| registry.known.contains_key(&n));
+            self.evictions.forget(&forgotten);
         }
+        self.observe_bounds(tracer);
         self.publish_status(tracer);
         self.sinks.flush();
     }

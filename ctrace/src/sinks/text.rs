@@ -409,6 +409,7 @@ pub fn summary_text(s: &SummaryRecord) -> String {
             ""
         }
     );
+    o.push_str(&crate::bounds::summary_text(&s.bounds));
     if s.module_requests_unprivileged > 0 {
         let _ = writeln!(
             o,

@@ -15,6 +15,10 @@
 //! - `write-sysctl KEY VALUE`: writes VALUE to `/proc/sys/KEY` (dots as slashes) from this process, so that the
 //!   writer's comm is `ctrace-testkit`, and prints `old=<value before> new=<value after> pid=<its pid>`.
 //!
+//! - `netns-flood --uid U --count N --port P --sends S --ruleset FILE`: the netns flood of `ctrace_tests::flood`
+//!   (as uid U, no capabilities, inside its own user namespace); prints `netns=.. sent=.. refused=.. counted=..
+//!   cap_eff=.. uid=..` and holds the netns until stdin closes.
+//!
 //! The traffic commands print `sent=<sends that succeeded> failed=<sends that returned an error>` and the first
 //! error on stderr; they fail only when they cannot start (bad arguments, no socket).
 
@@ -76,6 +80,20 @@ enum Command {
     Stats,
     /// Writes VALUE to /proc/sys/KEY (KEY dotted, e.g. net.netfilter.nf_conntrack_max) from this process.
     WriteSysctl { key: String, value: String },
+    /// As uid UID without capabilities: a user namespace, then COUNT netns in it, each dropping SENDS datagrams to
+    /// PORT by the rules in RULESET; prints the truth and holds the netns until stdin closes.
+    NetnsFlood {
+        #[arg(long, default_value_t = 65534)]
+        uid: u32,
+        #[arg(long)]
+        count: u32,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 2)]
+        sends: u32,
+        #[arg(long)]
+        ruleset: std::path::PathBuf,
+    },
 }
 
 /// Flow indexes must keep the second address byte at most 255: 1 + (i >> 16) <= 255.
@@ -93,6 +111,13 @@ fn main() -> ExitCode {
         } => tcp_peak(count, port, wait_ms, hold_ms),
         Command::Stats => stats(),
         Command::WriteSysctl { key, value } => write_sysctl(&key, &value),
+        Command::NetnsFlood {
+            uid,
+            count,
+            port,
+            sends,
+            ruleset,
+        } => netns_flood(uid, count, port, sends, &ruleset),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -286,6 +311,17 @@ fn tcp_invalid(count: u32, port: u16) -> Result<()> {
         tally.record(sock.send(Ipv4Addr::LOCALHOST, sport, port, i, TCP_SYN | TCP_FIN));
     }
     tally.report();
+    Ok(())
+}
+
+fn netns_flood(uid: u32, count: u32, port: u16, sends: u32, ruleset: &std::path::Path) -> Result<()> {
+    use std::io::{Read as _, Write as _};
+    let (report, held) = ctrace_tests::flood::flood(uid, count, port, sends, ruleset)?;
+    println!("{}", report.line());
+    io::stdout().flush()?;
+    // The netns live as long as their descriptors: until the caller closes our stdin.
+    let _ = io::stdin().read_to_end(&mut Vec::new());
+    drop(held);
     Ok(())
 }
 
