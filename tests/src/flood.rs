@@ -109,31 +109,6 @@ fn enter_user_namespace(uid: u32, gid: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Brings loopback up in the current netns (SIOCSIFFLAGS, what `ip link set lo up` does).
-fn loopback_up() -> anyhow::Result<()> {
-    let sock = UdpSocket::bind("0.0.0.0:0")?;
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
-    // SAFETY: ifreq is plain data; the ioctls read and write only within it.
-    unsafe {
-        let mut req: libc::ifreq = std::mem::zeroed();
-        for (i, b) in b"lo\0".iter().enumerate() {
-            req.ifr_name[i] = *b as libc::c_char;
-        }
-        ensure!(
-            libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) == 0,
-            "SIOCGIFFLAGS lo: {}",
-            std::io::Error::last_os_error()
-        );
-        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-        ensure!(
-            libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) == 0,
-            "SIOCSIFFLAGS lo: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
-}
-
 /// Lifts the soft open-file limit to the hard one, which must allow `needed`.
 fn raise_open_files(needed: u64) -> anyhow::Result<()> {
     let mut lim = libc::rlimit {
@@ -195,7 +170,7 @@ pub fn flood(
         unshare(CloneFlags::CLONE_NEWNET).with_context(|| format!("unshare(CLONE_NEWNET) #{i}"))?;
         let ns = fs::File::open("/proc/thread-self/ns/net")?;
         ensure!(ns.metadata()?.ino() != 0, "netns #{i} has no inode");
-        loopback_up()?;
+        crate::threads::loopback_up()?;
         nft(&["-f", &ruleset])?;
         let sock = UdpSocket::bind("127.0.0.1:0")?;
         for _ in 0..sends {

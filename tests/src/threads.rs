@@ -75,7 +75,7 @@ pub fn enter_new_netns() -> anyhow::Result<u64> {
 }
 
 /// `ip link set lo up` in the calling thread's netns, by ioctl (no process to start).
-fn loopback_up() -> anyhow::Result<()> {
+pub fn loopback_up() -> anyhow::Result<()> {
     // SAFETY: socket() has no memory preconditions; the result is checked.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
