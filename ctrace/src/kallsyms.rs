@@ -32,6 +32,19 @@ fn find_range(lines: impl Iterator<Item = String>, name: &str) -> anyhow::Result
     Ok(None)
 }
 
+/// Whether /proc/kallsyms shows this process real addresses (kptr_restrict shows zeros to callers without
+/// CAP_SYSLOG unless perf_event_paranoid is at most 1).
+pub fn addresses_visible() -> bool {
+    let Ok(f) = std::fs::File::open("/proc/kallsyms") else {
+        return false;
+    };
+    BufReader::new(f)
+        .lines()
+        .map_while(Result::ok)
+        .take(16)
+        .any(|l| l.split_whitespace().next().is_some_and(|a| a.chars().any(|c| c != '0')))
+}
+
 /// The address of each text symbol in `names` (exact names, in vmlinux or a loaded module); None when
 /// absent or hidden (kptr_restrict shows 0).
 pub fn addresses(names: &[&str]) -> anyhow::Result<Vec<Option<u64>>> {

@@ -82,8 +82,10 @@ pub fn resolve(btf: &Btf) -> anyhow::Result<(KernelLayout, DropMatch)> {
             DropMatch::Reason(v as u32)
         }
         Err(_) => {
-            let (start, end) = crate::kallsyms::symbol_range("nf_hook_slow")?
-                .context("this kernel has neither drop reasons nor a visible nf_hook_slow symbol in /proc/kallsyms")?;
+            let (start, end) = crate::kallsyms::symbol_range("nf_hook_slow")?.context(
+                "this kernel has no drop reasons and /proc/kallsyms shows no address of nf_hook_slow (addresses \
+                     need CAP_SYSLOG): run ctrace as root",
+            )?;
             l.nf_hook_slow_start = start;
             l.nf_hook_slow_end = end;
             DropMatch::Location { start, end }

@@ -1,12 +1,12 @@
-//! The `ctrace` command: parses the flags, checks privileges and runs a subcommand from the library.
+//! The `ctrace` command: parses the flags, checks capabilities and runs a subcommand from the library.
 
 use std::{io::IsTerminal as _, process::ExitCode};
 
 use clap::Parser as _;
 use ctrace::{
-    brief, check,
+    brief, capabilities, check,
     cli::{Cli, Command},
-    demo, privileges, session,
+    demo, session,
     sinks::Sinks,
 };
 
@@ -43,11 +43,16 @@ fn main() -> ExitCode {
         command => Cli { command },
     };
 
-    if let Some(msg) = privileges::check() {
+    let cx = capabilities::Context::current();
+    let refusal = match &cli.command {
+        Command::Demo(_) => capabilities::cannot_demo(&cx),
+        _ => capabilities::cannot_run(&cx),
+    };
+    if let Some(msg) = refusal {
         eprintln!("ctrace: {msg}");
         return ExitCode::from(1);
     }
-    privileges::raise_memlock();
+    capabilities::raise_memlock();
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

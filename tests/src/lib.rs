@@ -16,6 +16,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
+pub mod caps;
 pub mod flood;
 pub mod packets;
 pub mod prometheus;
@@ -298,7 +299,12 @@ impl Ctrace {
 
     /// As [`Ctrace::start`], with `cmd` as the start of the command line (ctrace itself, or a wrapper such as
     /// `setpriv ... -- ctrace`); its stderr goes where `cmd` sends it.
-    pub fn start_command(mut cmd: Command, args: &[&str]) -> anyhow::Result<Ctrace> {
+    pub fn start_command(cmd: Command, args: &[&str]) -> anyhow::Result<Ctrace> {
+        Ctrace::start_expecting(cmd, args, std::env::var("CTRACE_TEST_EXPECT_MODE").ok())
+    }
+
+    /// As [`Ctrace::start_command`], expecting the mode `expect_mode` (None: any).
+    pub fn start_expecting(mut cmd: Command, args: &[&str], expect_mode: Option<String>) -> anyhow::Result<Ctrace> {
         let mut child = cmd
             .arg("run")
             .arg("--json")
@@ -327,7 +333,7 @@ impl Ctrace {
                     let v: Value = serde_json::from_str(&line).with_context(|| format!("not JSON: {line}"))?;
                     let is_mode = v["event"] == "mode";
                     if is_mode
-                        && let Ok(want) = std::env::var("CTRACE_TEST_EXPECT_MODE")
+                        && let Some(want) = &expect_mode
                         && v["mode"] != want.as_str()
                     {
                         bail!(

@@ -35,8 +35,10 @@ pub struct Tracer {
     kprobe_links: Vec<(&'static str, KProbeLinkId)>,
     /// Why module events are not watched (None = they are).
     pub modules_unwatched: Option<String>,
-    /// Why sysctl writes are not watched (None = they are).
+    /// Why sysctl writes are not watched when they could have been (None = they are, or the capabilities did
+    /// not allow it and that was said at start).
     pub sysctls_unwatched: Option<String>,
+    sysctls_watched: bool,
     /// nf_ct_delete, when evictions can be listed (kprobe mode, offsets of struct nf_conn known).
     eviction_target: Option<String>,
     eviction_link: Option<KProbeLinkId>,
@@ -53,11 +55,13 @@ pub struct Tracer {
 }
 
 impl Tracer {
-    /// Loads and attaches. `baselines` are the current counters of every netns that exists now.
+    /// Loads and attaches what the capabilities allow. `baselines` are the current counters of every netns that
+    /// exists now.
     pub fn start(
         plan: &super::Plan,
         filters: &KernelFilters,
         baselines: &HashMap<u32, CtStats>,
+        allowed: &crate::capabilities::Allowed,
     ) -> anyhow::Result<Tracer> {
         let btf = Btf::vmlinux().map_err(|e| {
             anyhow!("this kernel has no usable BTF ({e}): ctrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y")
@@ -147,17 +151,27 @@ reload can reset its sysctls"
                 .map(|e| crate::brief(&e)),
             Err(why) => Some(why.clone()),
         };
-        let sysctls_unwatched = crate::sysctl_watch::attach(&mut ebpf)
-            .err()
-            .map(|e| format!("sysctl writes are not watched: {}", crate::brief(&e)));
-        let conntrack_hook = super::conntrack_hook::ConntrackHook::load(&ebpf, &btf, kernel_layout.skb_nfct)
-            .map_err(|e| crate::brief(&e));
+        let sysctls_unwatched = if allowed.sysctl_watch {
+            crate::sysctl_watch::attach(&mut ebpf)
+                .err()
+                .map(|e| format!("sysctl writes are not watched: {}", crate::brief(&e)))
+        } else {
+            None
+        };
+        let sysctls_watched = allowed.sysctl_watch && sysctls_unwatched.is_none();
+        let conntrack_hook = if allowed.conntrack_hook {
+            super::conntrack_hook::ConntrackHook::load(&ebpf, &btf, kernel_layout.skb_nfct)
+                .map_err(|e| crate::brief(&e))
+        } else {
+            Err("ctrace lacks the capabilities it needs (said at start)".to_owned())
+        };
         set_conntrack_hook_functions(&mut ebpf)?;
         Ok(Tracer {
             ebpf,
             kprobe_links,
             modules_unwatched,
             sysctls_unwatched,
+            sysctls_watched,
             eviction_target,
             eviction_link: None,
             conntrack_hook,
@@ -292,7 +306,7 @@ reload can reset its sysctls"
     }
 
     pub fn take_sysctl_events(&mut self) -> anyhow::Result<Option<RingBuf<MapData>>> {
-        if self.sysctls_unwatched.is_some() {
+        if !self.sysctls_watched {
             return Ok(None);
         }
         let map = self

@@ -75,7 +75,13 @@ pub async fn run(args: RunArgs, sinks: Sinks, hooks: Hooks) -> anyhow::Result<Su
         host: args.host,
         reasons: args.reason.clone(),
     };
-    let mut tracer = Tracer::start(&choice.plan, &filters, &s.counters.take_initial())?;
+    let capabilities = crate::capabilities::assess(&crate::capabilities::Context::current());
+    let mut tracer = Tracer::start(
+        &choice.plan,
+        &filters,
+        &s.counters.take_initial(),
+        &capabilities.allowed,
+    )?;
     s.mode = choice.name();
     s.clock = Clock::now();
     let started = Instant::now();
@@ -85,6 +91,10 @@ pub async fn run(args: RunArgs, sinks: Sinks, hooks: Hooks) -> anyhow::Result<Su
         why: choice.why.clone(),
         exactness: choice.exactness(),
     }));
+    // What will not work for want of a capability: once, right after the mode.
+    for sentence in &capabilities.sentences {
+        s.sinks.emit(Event::notice(sentence.clone()));
+    }
     s.publish_status(&tracer);
     if let Some(tx) = ready {
         let _ = tx.send(());
