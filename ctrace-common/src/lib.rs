@@ -282,6 +282,22 @@ pub mod module_kind {
 
 pub const MODULE_NAME_LEN: usize = 56;
 pub const CMDLINE_LEN: usize = 128;
+/// Ancestors of the caller recorded with a module event (parent first, up to pid 1): enough to reach the service
+/// behind it (systemd → a unit's shell → an init script → modprobe; or sshd → sshd → bash → sudo → script).
+pub const MAX_ANCESTORS: usize = 8;
+
+/// One process in the chain behind a module event, read from its task_struct at event time (parents can be gone
+/// by the time userspace reads /proc).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Ancestor {
+    /// tgid; 0 = no such ancestor (the chain ended before).
+    pub pid: u32,
+    pub _pad: u32,
+    /// task_struct.start_boottime (ns): with the pid, tells this process from a later one with the same pid.
+    pub start_ns: u64,
+    pub comm: [u8; TASK_COMM_LEN],
+}
 
 /// A module load/unload step and the process behind it, from the module ring buffer.
 #[repr(C)]
@@ -304,6 +320,11 @@ pub struct ModuleEvent {
     /// namespace. Requests and tools of anyone else cannot change a module and raise no alert.
     pub privileged: u32,
     pub _pad: u32,
+    /// The caller's cgroup v2 id (`bpf_get_current_cgroup_id`: the inode of its cgroup directory), which names its
+    /// systemd unit.
+    pub cgroup_id: u64,
+    /// The caller's parent, grandparent, ... up to pid 1 or MAX_ANCESTORS.
+    pub ancestors: [Ancestor; MAX_ANCESTORS],
 }
 
 pub const SYSCTL_NAME_LEN: usize = 64;
@@ -349,6 +370,9 @@ pub struct ModuleLayout {
     pub cred_cap_effective: u32,
     pub cred_user_ns: u32,
     pub user_ns_level: u32,
+    /// task_struct.start_boottime (what /proc/PID/stat's starttime shows, in clock ticks).
+    pub task_start_boottime: u32,
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]
@@ -383,8 +407,9 @@ mod tests {
         assert_eq!(core::mem::size_of::<KernelLayout>(), 136);
         assert_eq!(core::mem::size_of::<Baseline>(), 40);
         assert_eq!(core::mem::size_of::<PendingVerdict>(), 88);
-        assert_eq!(core::mem::size_of::<ModuleEvent>(), 256);
-        assert_eq!(core::mem::size_of::<ModuleLayout>(), 56);
+        assert_eq!(core::mem::size_of::<Ancestor>(), 32);
+        assert_eq!(core::mem::size_of::<ModuleEvent>(), 256 + 8 + 32 * MAX_ANCESTORS);
+        assert_eq!(core::mem::size_of::<ModuleLayout>(), 64);
         assert_eq!(core::mem::size_of::<SysctlEvent>(), 168);
     }
 }

@@ -145,6 +145,8 @@ pub(crate) static MODULE_LAYOUT: ctrace_common::ModuleLayout = ctrace_common::Mo
     cred_cap_effective: 0,
     cred_user_ns: 0,
     user_ns_level: 0,
+    task_start_boottime: 0,
+    _pad: 0,
 };
 
 /// Reads one field of `MODULE_LAYOUT`.

@@ -26,6 +26,7 @@ pub mod layout;
 pub mod modules;
 pub mod netns;
 pub mod probes;
+pub mod provenance;
 pub mod reload;
 pub mod report;
 pub mod sanitize;

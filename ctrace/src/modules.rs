@@ -11,7 +11,11 @@ use aya::{
 };
 use ctrace_common::{ModuleEvent, ModuleLayout, module_kind};
 
-use crate::{btf::Btf, sanitize::kernel_str};
+use crate::{
+    btf::Btf,
+    provenance::{Provenance, Resolver},
+    sanitize::kernel_str,
+};
 
 pub const TRACEFS: &str = "/sys/kernel/tracing";
 
@@ -44,6 +48,9 @@ pub fn layout(btf: &Btf, tracefs: &Path) -> anyhow::Result<ModuleLayout> {
         cred_cap_effective: off("cred", "cap_effective")?,
         cred_user_ns: off("cred", "user_ns")?,
         user_ns_level: off("user_namespace", "level")?,
+        // `real_start_time` before 5.5.
+        task_start_boottime: off("task_struct", "start_boottime").or_else(|_| off("task_struct", "real_start_time"))?,
+        _pad: 0,
     })
 }
 
@@ -153,6 +160,8 @@ pub struct ModuleChange {
     /// and never asks the kernel), when that is how it failed.
     pub tool_status: Option<i64>,
     pub actor: Actor,
+    /// The processes behind the actor up to the service that started it, and its systemd unit.
+    pub provenance: Provenance,
 }
 
 /// The process's argv as one line: NULs become spaces, unprintable bytes are masked.
@@ -196,7 +205,14 @@ pub struct Correlator {
     asked_kernel: std::collections::HashSet<u32>,
     /// Module requests and tools of callers that could not change a module, ignored.
     pub unprivileged: u64,
+    /// The provenance of each running tool or delete_module caller, read at its first event (its parents are
+    /// then most likely still running).
+    provenance: HashMap<u32, Provenance>,
+    resolver: Resolver,
 }
+
+/// Most callers whose provenance is kept between their first and last event (a lost exit must not leak).
+const MAX_PENDING: usize = 1024;
 
 /// The modules a `modprobe -r ...` or `rmmod ...` command line asks to remove (empty if it is not
 /// a removal). Options that take a value skip it.
@@ -246,6 +262,24 @@ impl Correlator {
             return vec![];
         }
         let name = kernel_str(&ev.name);
+        if matches!(ev.kind, module_kind::TOOL_EXEC | module_kind::DELETE_ENTER)
+            && !self.provenance.contains_key(&ev.pid)
+        {
+            if self.provenance.len() >= MAX_PENDING {
+                self.provenance.clear();
+            }
+            let p = self.resolver.resolve(ev);
+            self.provenance.insert(ev.pid, p);
+        }
+        // A tool's provenance lasts until it exits; a bare delete_module caller's until its answer.
+        let provenance = match ev.kind {
+            module_kind::TOOL_EXIT => self.provenance.remove(&ev.pid),
+            module_kind::DELETE_EXIT if !self.tools.contains_key(&ev.pid) => self.provenance.remove(&ev.pid),
+            module_kind::DELETE_EXIT => self.provenance.get(&ev.pid).cloned(),
+            module_kind::LOAD if is_netfilter_module(&name) => Some(self.resolver.resolve(ev)),
+            _ => None,
+        }
+        .unwrap_or_default();
         let change = |action, name: String, errno, holders| ModuleChange {
             ts_ns: ev.ts_ns,
             action,
@@ -254,6 +288,7 @@ impl Correlator {
             holders,
             tool_status: None,
             actor: actor(ev),
+            provenance: provenance.clone(),
         };
         match ev.kind {
             module_kind::TOOL_EXEC => {
@@ -386,6 +421,8 @@ mod tests {
             cmdline: [0; CMDLINE_LEN],
             privileged: 1,
             _pad: 0,
+            cgroup_id: 0,
+            ancestors: [ctrace_common::Ancestor::default(); ctrace_common::MAX_ANCESTORS],
         };
         e.name[..name.len()].copy_from_slice(name.as_bytes());
         e.comm[..5].copy_from_slice(b"rmmod");
@@ -503,6 +540,25 @@ mod tests {
             c.feed(&ev(module_kind::TOOL_EXIT, 22, "", 1), holders, |_| true)
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn the_chain_behind_a_request_comes_from_its_first_event() {
+        let mut c = Correlator::default();
+        let none = |_: &str| vec![];
+        let mut enter = ev(module_kind::DELETE_ENTER, 40, "nf_conntrack", 0);
+        enter.ancestors[0].pid = 39;
+        enter.ancestors[0].comm[..9].copy_from_slice(b"ip6tables");
+        enter.ancestors[1].pid = 1;
+        enter.ancestors[1].comm[..4].copy_from_slice(b"init");
+        c.feed(&enter, none, |_| true);
+        // The exit's own record is what the kernel saw later: the script may have been reparented by then.
+        let mut exit = ev(module_kind::DELETE_EXIT, 40, "", -(libc::EBUSY as i64));
+        exit.ancestors[0].pid = 1;
+        let ch = one(c.feed(&exit, none, |_| true)).unwrap();
+        let chain: Vec<(u32, &str)> = ch.provenance.chain.iter().map(|l| (l.pid, l.comm.as_str())).collect();
+        assert_eq!(chain, [(39, "ip6tables"), (1, "init")]);
+        assert!(c.provenance.is_empty(), "nothing kept after the answer");
     }
 
     #[test]

@@ -264,6 +264,7 @@ mod tests {
                 parent_comm: "sh".into(),
                 cmdline: String::new(),
             },
+            provenance: Default::default(),
         }
     }
 

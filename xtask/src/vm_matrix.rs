@@ -58,7 +58,7 @@ const MARK: &str = "@@ctrace-matrix";
 const SCRIPT: &str = include_str!("../../tests/guest/matrix.sh");
 /// The test binaries the guests run (every test, the ignored ones included: those need a kernel with
 /// modules). Each lands in the guest as /usr/local/bin/ctrace-test-<name>.
-const TEST_TARGETS: &[&str] = &["attribution", "forgery", "capability_sets"];
+const TEST_TARGETS: &[&str] = &["attribution", "forgery", "capability_sets", "provenance"];
 const GUEST_CTRACE: &str = "/usr/local/bin/ctrace";
 /// Host programs the tests run, and where the guest gets them (before busybox's applets in PATH).
 const PROGRAMS: &[(&str, &str)] = &[

@@ -21,7 +21,7 @@ use aya_ebpf::{
     maps::{LruHashMap, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
 };
-use ctrace_common::{CMDLINE_LEN, ModuleEvent, module_kind};
+use ctrace_common::{CMDLINE_LEN, MAX_ANCESTORS, ModuleEvent, module_kind};
 
 use crate::globals::module_layout;
 
@@ -57,12 +57,37 @@ unsafe fn can_change_modules(task: u64) -> bool {
     }
 }
 
-/// Fills the process fields from the current task: tgid, uid, comm, parent, argv, privilege.
+/// Records the chain of processes behind the caller: parent, grandparent, ... up to pid 1 (or MAX_ANCESTORS), each
+/// with its pid, start time and comm, while they still exist (a script that ran modprobe may be gone by the time
+/// userspace reads the event).
+#[inline(always)]
+unsafe fn fill_ancestors(first: u64, ev: &mut ModuleEvent) {
+    unsafe {
+        let mut task = first;
+        for a in ev.ancestors.iter_mut().take(MAX_ANCESTORS) {
+            if task == 0 {
+                break;
+            }
+            a.pid = bpf_probe_read_kernel((task + module_layout!(task_tgid) as u64) as *const u32).unwrap_or(0);
+            a.start_ns =
+                bpf_probe_read_kernel((task + module_layout!(task_start_boottime) as u64) as *const u64).unwrap_or(0);
+            let _ = bpf_probe_read_kernel_buf((task + module_layout!(task_comm) as u64) as *const u8, &mut a.comm);
+            if a.pid <= 1 {
+                break;
+            }
+            task = read_ptr(task + module_layout!(task_real_parent) as u64);
+        }
+    }
+}
+
+/// Fills the process fields from the current task: tgid, uid, comm, parent and the chain above it, cgroup, argv,
+/// privilege.
 #[inline(always)]
 unsafe fn fill_process(ev: &mut ModuleEvent) {
     unsafe {
         let task = bpf_get_current_task();
         ev.privileged = can_change_modules(task) as u32;
+        ev.cgroup_id = aya_ebpf::helpers::generated::bpf_get_current_cgroup_id();
         ev.uid = bpf_get_current_uid_gid() as u32;
         ev.pid = bpf_probe_read_kernel((task + module_layout!(task_tgid) as u64) as *const u32).unwrap_or(0);
         let _ = bpf_probe_read_kernel_buf((task + module_layout!(task_comm) as u64) as *const u8, &mut ev.comm);
@@ -74,6 +99,7 @@ unsafe fn fill_process(ev: &mut ModuleEvent) {
                 &mut ev.parent_comm,
             );
         }
+        fill_ancestors(parent, ev);
         let mm = read_ptr(task + module_layout!(task_mm) as u64);
         if mm != 0 {
             let start = read_ptr(mm + module_layout!(mm_arg_start) as u64);

@@ -45,6 +45,14 @@ pub struct ModuleRecord {
     pub parent_comm: String,
     /// its command line
     pub cmdline: String,
+    /// the processes behind it, parent first, up to pid 1 (at most 8; read in the kernel at event time)
+    pub chain: Vec<crate::provenance::Link>,
+    /// whether there were more ancestors than the 8 recorded
+    pub chain_truncated: bool,
+    /// its cgroup v2 path, e.g. `/system.slice/iptables.service`; null when unknown
+    pub cgroup: Option<String>,
+    /// the systemd unit in that path (its deepest `.service` or `.scope`), or null
+    pub unit: Option<String>,
 }
 
 impl ModuleRecord {
@@ -64,6 +72,10 @@ impl ModuleRecord {
             ppid: c.actor.ppid,
             parent_comm: c.actor.parent_comm.clone(),
             cmdline: c.actor.cmdline.clone(),
+            chain: c.provenance.chain.clone(),
+            chain_truncated: c.provenance.truncated,
+            cgroup: c.provenance.cgroup.clone(),
+            unit: c.provenance.unit.clone(),
         }
     }
 }
@@ -189,6 +201,16 @@ mod tests {
                 parent_comm: "sh".into(),
                 cmdline: "rmmod nf_conntrack".into(),
             },
+            provenance: crate::provenance::Provenance {
+                chain: vec![crate::provenance::Link {
+                    pid: 115,
+                    comm: "ip6tables".into(),
+                    cmdline: Some("/bin/sh /etc/init.d/ip6tables stop".into()),
+                }],
+                truncated: false,
+                cgroup: Some("/system.slice/ip6tables.service".into()),
+                unit: Some("ip6tables.service".into()),
+            },
         }
     }
 
@@ -208,6 +230,12 @@ mod tests {
             (Some(true), Some(1))
         );
         assert_eq!(v["parent_comm"], "sh");
+        assert_eq!(v["chain"][0]["cmdline"], "/bin/sh /etc/init.d/ip6tables stop");
+        assert_eq!(
+            (v["chain_truncated"].as_bool(), v["unit"].as_str()),
+            (Some(false), Some("ip6tables.service"))
+        );
+        assert_eq!(v["cgroup"], "/system.slice/ip6tables.service");
     }
 
     #[test]

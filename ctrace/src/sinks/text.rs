@@ -214,8 +214,12 @@ impl<D: Destination> TextSink<D> {
 
     fn module(&mut self, m: &ModuleRecord) -> io::Result<()> {
         let who = format!(
-            "{}[{}] (uid {}, parent {}[{}]): {}",
-            m.comm, m.pid, m.uid, m.parent_comm, m.ppid, m.cmdline
+            "{}[{}] (uid {}): {}{}",
+            m.comm,
+            m.pid,
+            m.uid,
+            m.cmdline,
+            crate::provenance::describe(&m.chain, m.chain_truncated, m.unit.as_deref())
         );
         let text = match m.action {
             "load" => format!("MODULE {} loaded by {who}", m.name),
@@ -462,5 +466,45 @@ mod tests {
         let line = buf.text().lines().nth(1).unwrap().to_owned();
         assert!(line.contains("invalid? "), "{line}");
         assert!(line.ends_with("(uncertain: invalid or netfilter_rule)"), "{line}");
+    }
+
+    #[test]
+    fn a_module_alert_names_the_chain_and_the_unit() {
+        let buf = Buf::default();
+        let mut sink = TextSink::new(buf.clone(), UtcOffset::UTC, false);
+        let link = |pid, comm: &str, cmdline: Option<&str>| crate::provenance::Link {
+            pid,
+            comm: comm.into(),
+            cmdline: cmdline.map(str::to_owned),
+        };
+        let m = ModuleRecord {
+            ts: OffsetDateTime::UNIX_EPOCH,
+            action: "unload_failed",
+            name: "nf_conntrack".into(),
+            errno: Some(Some(libc::EBUSY)),
+            holders: Some(vec!["xt_conntrack".into()]),
+            refused_by_tool: None,
+            exit_status: None,
+            pid: 300,
+            uid: 0,
+            comm: "modprobe".into(),
+            ppid: 290,
+            parent_comm: "ip6tables".into(),
+            cmdline: "/sbin/modprobe -r nf_conntrack".into(),
+            chain: vec![
+                link(290, "ip6tables", Some("/bin/sh /etc/init.d/ip6tables stop")),
+                link(1, "systemd", None),
+            ],
+            chain_truncated: false,
+            cgroup: Some("/system.slice/ip6tables.service".into()),
+            unit: Some("ip6tables.service".into()),
+        };
+        sink.record(&Event::Module(m)).unwrap();
+        assert_eq!(
+            buf.text().trim_end(),
+            "00:00:00.000  >>> MODULE nf_conntrack unload failed (EBUSY (in use)), held by xt_conntrack - requested \
+             by modprobe[300] (uid 0): /sbin/modprobe -r nf_conntrack <- ip6tables[290] `/bin/sh /etc/init.d/ip6tables \
+             stop` <- systemd[1]; unit ip6tables.service"
+        );
     }
 }
