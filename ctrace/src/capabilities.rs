@@ -4,12 +4,13 @@
 //!
 //! | feature | needs |
 //! |---|---|
-//! | maps, ring buffers, tp_btf/tracepoint/kprobe programs and their attachment (drops, module events) | CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) |
+//! | maps, ring buffers, tp_btf programs and their attachment (drops, module loads and unloads) | CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) |
+//! | perf events, through which kprobes and the delete_module tracepoints attach | CAP_PERFMON; CAP_SYS_ADMIN where kernel.perf_event_paranoid > 2 (Debian's and Ubuntu's patch; Debian's default is 3) |
 //! | the cgroup/sysctl program (sysctl writes), the BPF netfilter programs (the conntrack hook) | CAP_NET_ADMIN (or CAP_SYS_ADMIN) |
 //! | entering another netns (setns): counters of `ip netns` netns, their sysctls, linking the hook there | CAP_SYS_ADMIN |
 //! | `/proc/PID/task/*/ns/net` of other users' processes, or of processes with capabilities ctrace lacks | CAP_SYS_PTRACE |
 //! | kernel addresses in /proc/kallsyms (where conntrack's hook functions are) | CAP_SYSLOG (unless kptr_restrict and perf_event_paranoid allow everyone) |
-//! | tracefs (syscall tracepoints of module events), nf_conntrack's `hashsize` parameter | uid 0 or CAP_DAC_READ_SEARCH |
+//! | tracefs (the delete_module tracepoints' formats), nf_conntrack's `hashsize` parameter | uid 0 or CAP_DAC_READ_SEARCH |
 //!
 //! Without the first row ctrace cannot run at all; without any other it runs and says once, at start, what will
 //! not work.
@@ -62,6 +63,10 @@ pub struct Context {
     pub modules: bool,
     /// The process is in the initial user namespace (capabilities elsewhere do not count for BPF).
     pub init_userns: bool,
+    /// kernel.perf_event_paranoid: above 2 (a Debian/Ubuntu patch) perf events need CAP_SYS_ADMIN.
+    pub perf_event_paranoid: i64,
+    /// The kernel has the kprobe PMU.
+    pub kprobes: bool,
 }
 
 impl Context {
@@ -72,6 +77,11 @@ impl Context {
             kallsyms_addresses: crate::kallsyms::addresses_visible(),
             modules: crate::modules::kernel_has_modules(),
             init_userns: in_init_userns(),
+            perf_event_paranoid: std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(2),
+            kprobes: crate::probes::kernel_has_kprobes(),
         }
     }
 }
@@ -90,6 +100,8 @@ pub struct Allowed {
     pub sysctl_watch: bool,
     /// BPF netfilter programs linked in netns ctrace enters, at conntrack's hook functions found in kallsyms.
     pub conntrack_hook: bool,
+    /// perf events: kprobes (kprobe mode) and the delete_module tracepoints.
+    pub perf_events: bool,
 }
 
 impl Default for Allowed {
@@ -97,6 +109,7 @@ impl Default for Allowed {
         Allowed {
             sysctl_watch: true,
             conntrack_hook: true,
+            perf_events: true,
         }
     }
 }
@@ -158,11 +171,10 @@ pub fn cannot_demo(cx: &Context) -> Option<String> {
 pub fn assess(cx: &Context) -> Assessment {
     let caps = cx.caps;
     let mut a = Assessment::default();
+    a.allowed.perf_events = caps.has(CAP_SYS_ADMIN) || (caps.has(CAP_PERFMON) && cx.perf_event_paranoid <= 2);
     if !caps.has_or_admin(CAP_NET_ADMIN) {
-        a.allowed = Allowed {
-            sysctl_watch: false,
-            conntrack_hook: false,
-        };
+        a.allowed.sysctl_watch = false;
+        a.allowed.conntrack_hook = false;
         a.sentences.push(
             "without CAP_NET_ADMIN: sysctl writes are not watched (the cgroup/sysctl program needs it) and the \
              conntrack hook is not armed (BPF netfilter programs need it), so ct-less drops amid invalid packets stay \
@@ -172,12 +184,19 @@ pub fn assess(cx: &Context) -> Assessment {
     }
     if !caps.has(CAP_SYS_ADMIN) {
         a.allowed.conntrack_hook = false;
-        a.sentences.push(
-            "without CAP_SYS_ADMIN: ctrace cannot enter other network namespaces, so it reads no conntrack counters \
-             of a netns only a bind mount keeps (ip netns add; early_drop evictions there are not counted), sees no \
-             sysctl resets in other netns and arms no conntrack hook"
-                .to_owned(),
-        );
+        let mut sentence = "without CAP_SYS_ADMIN: ctrace cannot enter other network namespaces, so it reads no \
+                            conntrack counters of a netns only a bind mount keeps (ip netns add; early_drop evictions \
+                            there are not counted), sees no sysctl resets in other netns and arms no conntrack hook"
+            .to_owned();
+        if !a.allowed.perf_events && (cx.kprobes || cx.modules) {
+            sentence.push_str(&format!(
+                "; and kernel.perf_event_paranoid={} reserves perf events to it, so no kprobes (tracepoint mode: no \
+                 kernel reason text, no listed evictions) and no delete_module tracepoints (unloads are seen as the \
+                 module is freed, refusals by modprobe and rmmod from their exit status)",
+                cx.perf_event_paranoid
+            ));
+        }
+        a.sentences.push(sentence);
     }
     if !caps.has(CAP_SYS_PTRACE) {
         a.sentences.push(
@@ -199,7 +218,8 @@ pub fn assess(cx: &Context) -> Assessment {
     if cx.modules && !reads_root_files && !Path::new(crate::modules::TRACEFS).join("events").exists() {
         a.sentences.push(format!(
             "without CAP_DAC_READ_SEARCH (or uid 0): tracefs ({}) and nf_conntrack's hashsize parameter are root's \
-             only, so module loads and unloads are not watched and hashsize resets are not reported",
+             only, so the delete_module tracepoints are not attached (unloads are seen as the module is freed, \
+             refusals by modprobe and rmmod from their exit status) and hashsize resets are not reported",
             crate::modules::TRACEFS
         ));
     }
@@ -227,6 +247,8 @@ mod tests {
             kallsyms_addresses: true,
             modules: false,
             init_userns: true,
+            perf_event_paranoid: 2,
+            kprobes: false,
         }
     }
 
@@ -285,6 +307,27 @@ mod tests {
         let a = assess(&hidden);
         assert_eq!(starts(&a), ["without CAP_SYSLOG"]);
         assert!(a.allowed.sysctl_watch && !a.allowed.conntrack_hook);
+    }
+
+    #[test]
+    fn where_perf_events_need_sys_admin_the_sentence_says_what_goes() {
+        let debian = |caps: &[u32]| Context {
+            perf_event_paranoid: 3,
+            kprobes: true,
+            modules: true,
+            ..cx(caps)
+        };
+        let a = assess(&debian(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_PTRACE]));
+        assert!(!a.allowed.perf_events);
+        assert_eq!(starts(&a), ["without CAP_SYS_ADMIN"]);
+        assert!(a.sentences[0].contains("perf_event_paranoid=3") && a.sentences[0].contains("tracepoint mode"));
+        assert!(assess(&debian(&[CAP_SYS_ADMIN])).allowed.perf_events);
+        let upstream = Context {
+            perf_event_paranoid: 2,
+            ..debian(&[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_PTRACE])
+        };
+        let a = assess(&upstream);
+        assert!(a.allowed.perf_events && !a.sentences[0].contains("perf_event_paranoid"));
     }
 
     #[test]

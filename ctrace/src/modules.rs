@@ -25,15 +25,22 @@ pub fn kernel_has_modules() -> bool {
 }
 
 /// Resolves the offsets the module programs need. `tracefs` is where the syscall tracepoints'
-/// `format` files are (their field offsets are read, not assumed).
-pub fn layout(btf: &Btf, tracefs: &Path) -> anyhow::Result<ModuleLayout> {
+/// `format` files are (their field offsets are read, not assumed); when it cannot be read the second value is
+/// false and only the delete_module tracepoints go unwatched.
+pub fn layout(btf: &Btf, tracefs: &Path) -> anyhow::Result<(ModuleLayout, bool)> {
     let off = |s: &str, p: &str| btf.member_offset(s, p);
     let field = |event: &str, name: &str| -> anyhow::Result<u32> {
         let path = tracefs.join("events/syscalls").join(event).join("format");
         let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
         format_offset(&text, name).ok_or_else(|| anyhow!("{} has no field {name}", path.display()))
     };
-    Ok(ModuleLayout {
+    let delete = field("sys_enter_delete_module", "name_user").and_then(|name| {
+        let ret = field("sys_exit_delete_module", "ret")?;
+        Ok((name, ret))
+    });
+    let syscalls = delete.is_ok();
+    let (delete_enter_name, delete_exit_ret) = delete.unwrap_or((16, 16));
+    let layout = ModuleLayout {
         module_name: off("module", "name")?,
         task_real_parent: off("task_struct", "real_parent")?,
         task_tgid: off("task_struct", "tgid")?,
@@ -41,8 +48,8 @@ pub fn layout(btf: &Btf, tracefs: &Path) -> anyhow::Result<ModuleLayout> {
         task_mm: off("task_struct", "mm")?,
         mm_arg_start: off("mm_struct", "arg_start")?,
         mm_arg_end: off("mm_struct", "arg_end")?,
-        delete_enter_name: field("sys_enter_delete_module", "name_user")?,
-        delete_exit_ret: field("sys_exit_delete_module", "ret")?,
+        delete_enter_name,
+        delete_exit_ret,
         task_exit_code: off("task_struct", "exit_code")?,
         task_cred: off("task_struct", "cred")?,
         cred_cap_effective: off("cred", "cap_effective")?,
@@ -51,7 +58,8 @@ pub fn layout(btf: &Btf, tracefs: &Path) -> anyhow::Result<ModuleLayout> {
         // `real_start_time` before 5.5.
         task_start_boottime: off("task_struct", "start_boottime").or_else(|_| off("task_struct", "real_start_time"))?,
         _pad: 0,
-    })
+    };
+    Ok((layout, syscalls))
 }
 
 /// Offset of `name` in a tracefs `format` file (`field:const char * name_user; offset:16; size:8; signed:0;`,
@@ -69,8 +77,9 @@ fn format_offset(format: &str, name: &str) -> Option<u32> {
     })
 }
 
-/// Attaches the module programs (loaded with `layout` already set as a global).
-pub fn attach(ebpf: &mut Ebpf, btf: &aya::Btf) -> anyhow::Result<()> {
+/// Attaches the module programs (loaded with `layout` already set as a global); the delete_module tracepoints
+/// only with `syscalls` (they need perf events and tracefs). Returns whether those are attached.
+pub fn attach(ebpf: &mut Ebpf, btf: &aya::Btf, syscalls: bool) -> anyhow::Result<bool> {
     for (prog, tp) in [
         ("module_load", "module_load"),
         ("module_free", "module_free"),
@@ -82,6 +91,9 @@ pub fn attach(ebpf: &mut Ebpf, btf: &aya::Btf) -> anyhow::Result<()> {
             .with_context(|| format!("cannot load the {tp} BTF tracepoint program"))?;
         p.attach().with_context(|| format!("cannot attach to module:{tp}"))?;
     }
+    if !syscalls {
+        return Ok(false);
+    }
     for (prog, tp) in [
         ("module_delete_enter", "sys_enter_delete_module"),
         ("module_delete_exit", "sys_exit_delete_module"),
@@ -91,7 +103,7 @@ pub fn attach(ebpf: &mut Ebpf, btf: &aya::Btf) -> anyhow::Result<()> {
         p.attach("syscalls", tp)
             .with_context(|| format!("cannot attach to syscalls:{tp}"))?;
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Modules around conntrack: the ones whose load or unload changes what conntrack does.
@@ -209,6 +221,9 @@ pub struct Correlator {
     /// then most likely still running).
     provenance: HashMap<u32, Provenance>,
     resolver: Resolver,
+    /// The delete_module tracepoints are not attached (no perf events, or tracefs unreadable): an unload is
+    /// reported when the module is freed, which happens in the caller's context.
+    pub unloads_from_free: bool,
 }
 
 /// Most callers whose provenance is kept between their first and last event (a lost exit must not leak).
@@ -276,7 +291,7 @@ impl Correlator {
             module_kind::TOOL_EXIT => self.provenance.remove(&ev.pid),
             module_kind::DELETE_EXIT if !self.tools.contains_key(&ev.pid) => self.provenance.remove(&ev.pid),
             module_kind::DELETE_EXIT => self.provenance.get(&ev.pid).cloned(),
-            module_kind::LOAD if is_netfilter_module(&name) => Some(self.resolver.resolve(ev)),
+            module_kind::LOAD | module_kind::FREE if is_netfilter_module(&name) => Some(self.resolver.resolve(ev)),
             _ => None,
         }
         .unwrap_or_default();
@@ -362,7 +377,10 @@ impl Correlator {
                     change(Action::UnloadFailed, name, Some((-ev.ret) as i32), holders)
                 }]
             }
-            // The delete_module exit reports unloads with their outcome; module_free adds nothing.
+            module_kind::FREE if self.unloads_from_free && is_netfilter_module(&name) => {
+                vec![change(Action::Unload, name, None, vec![])]
+            }
+            // Otherwise the delete_module exit reports unloads with their outcome; module_free adds nothing.
             _ => vec![],
         }
     }
@@ -559,6 +577,26 @@ mod tests {
         let chain: Vec<(u32, &str)> = ch.provenance.chain.iter().map(|l| (l.pid, l.comm.as_str())).collect();
         assert_eq!(chain, [(39, "ip6tables"), (1, "init")]);
         assert!(c.provenance.is_empty(), "nothing kept after the answer");
+    }
+
+    #[test]
+    fn without_delete_module_tracepoints_an_unload_is_seen_as_the_module_is_freed() {
+        let none = |_: &str| vec![];
+        let mut c = Correlator::default();
+        assert!(
+            c.feed(&ev(module_kind::FREE, 7, "nf_conntrack", 0), none, |_| false)
+                .is_empty()
+        );
+        c.unloads_from_free = true;
+        let ch = one(c.feed(&ev(module_kind::FREE, 7, "nf_conntrack", 0), none, |_| false)).unwrap();
+        assert_eq!(
+            (ch.action, ch.name.as_str(), ch.actor.pid),
+            (Action::Unload, "nf_conntrack", 7)
+        );
+        assert!(
+            c.feed(&ev(module_kind::FREE, 7, "btrfs", 0), none, |_| false)
+                .is_empty()
+        );
     }
 
     #[test]

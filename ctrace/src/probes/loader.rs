@@ -35,6 +35,8 @@ pub struct Tracer {
     kprobe_links: Vec<(&'static str, KProbeLinkId)>,
     /// Why module events are not watched (None = they are).
     pub modules_unwatched: Option<String>,
+    /// The delete_module tracepoints are attached (else unloads are seen as modules are freed).
+    pub delete_module_watched: bool,
     /// Why sysctl writes are not watched when they could have been (None = they are, or the capabilities did
     /// not allow it and that was said at start).
     pub sysctls_unwatched: Option<String>,
@@ -100,7 +102,7 @@ reload can reset its sysctls"
                     .to_owned(),
             )
         };
-        let module_globals = module_layout.clone().unwrap_or_default();
+        let module_globals = module_layout.as_ref().map(|(l, _)| *l).unwrap_or_default();
         let sysctl_task_helpers: u32 = crate::sysctl_watch::task_helpers(&release).into();
         let insert_failed_noisy: u32 = insert_failed_counts_resolved_clashes(&release).into();
         let mut ebpf = EbpfLoader::new()
@@ -145,11 +147,12 @@ reload can reset its sysctls"
                 }
             }
         }
-        let modules_unwatched = match &module_layout {
-            Ok(_) => crate::modules::attach(&mut ebpf, &aya_btf)
-                .err()
-                .map(|e| crate::brief(&e)),
-            Err(why) => Some(why.clone()),
+        let (modules_unwatched, delete_module_watched) = match &module_layout {
+            Ok((_, tracefs)) => match crate::modules::attach(&mut ebpf, &aya_btf, *tracefs && allowed.perf_events) {
+                Ok(syscalls) => (None, syscalls),
+                Err(e) => (Some(crate::brief(&e)), false),
+            },
+            Err(why) => (Some(why.clone()), false),
         };
         let sysctls_unwatched = if allowed.sysctl_watch {
             crate::sysctl_watch::attach(&mut ebpf)
@@ -170,6 +173,7 @@ reload can reset its sysctls"
             ebpf,
             kprobe_links,
             modules_unwatched,
+            delete_module_watched,
             sysctls_unwatched,
             sysctls_watched,
             eviction_target,
@@ -211,7 +215,7 @@ reload can reset its sysctls"
                 v.push(state(tp, "tp_btf", modules));
             }
             for tp in ["sys_enter_delete_module", "sys_exit_delete_module"] {
-                v.push(state(tp, "tracepoint", modules));
+                v.push(state(tp, "tracepoint", modules && self.delete_module_watched));
             }
         }
         v.push(state(

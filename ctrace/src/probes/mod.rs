@@ -78,11 +78,23 @@ pub fn kernel_has_kprobes() -> bool {
     Path::new("/sys/bus/event_source/devices/kprobe").exists()
 }
 
-pub fn choose(requested: Mode) -> anyhow::Result<Choice> {
+/// The mode for `requested`; `perf_events` says whether this process may open perf events (kprobes are
+/// attached through them: see `capabilities`).
+pub fn choose(requested: Mode, perf_events: bool) -> anyhow::Result<Choice> {
     let has_kprobes = kernel_has_kprobes();
     let symbols = if has_kprobes { kprobe::Symbols::find()? } else { None };
     let plan_why = match (requested, symbols) {
         (Mode::Tracepoint, _) => (Plan::Tracepoint, "requested with --mode tracepoint".to_owned()),
+        (Mode::Kprobe, _) if has_kprobes && !perf_events => bail!(
+            "kprobe mode attaches kprobes through perf events, which kernel.perf_event_paranoid reserves to \
+CAP_SYS_ADMIN here: run ctrace with CAP_SYS_ADMIN or use --mode tracepoint"
+        ),
+        (Mode::Auto, _) if has_kprobes && !perf_events => (
+            Plan::Tracepoint,
+            "this kernel has kprobes, but kernel.perf_event_paranoid reserves perf events (which attach them) to \
+CAP_SYS_ADMIN, which ctrace lacks: drops are seen at the skb:kfree_skb tracepoint"
+                .to_owned(),
+        ),
         (Mode::Kprobe | Mode::Auto, Some(s)) => {
             let why = format!(
                 "{}; kprobes on nf_conntrack's failure paths ({}) and drops at the skb:kfree_skb tracepoint",

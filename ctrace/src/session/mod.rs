@@ -67,7 +67,8 @@ pub async fn run(args: RunArgs, sinks: Sinks, hooks: Hooks) -> anyhow::Result<Su
     }
     s.refresh_netns_sysctls();
 
-    let choice: Choice = probes::choose(args.mode)?;
+    let capabilities = crate::capabilities::assess(&crate::capabilities::Context::current());
+    let choice: Choice = probes::choose(args.mode, capabilities.allowed.perf_events)?;
     let filters = KernelFilters {
         netns: netns_filter.unwrap_or(0),
         l4proto: args.proto.unwrap_or(0),
@@ -75,7 +76,6 @@ pub async fn run(args: RunArgs, sinks: Sinks, hooks: Hooks) -> anyhow::Result<Su
         host: args.host,
         reasons: args.reason.clone(),
     };
-    let capabilities = crate::capabilities::assess(&crate::capabilities::Context::current());
     let mut tracer = Tracer::start(
         &choice.plan,
         &filters,
@@ -95,6 +95,7 @@ pub async fn run(args: RunArgs, sinks: Sinks, hooks: Hooks) -> anyhow::Result<Su
     for sentence in &capabilities.sentences {
         s.sinks.emit(Event::notice(sentence.clone()));
     }
+    s.modules.unloads_from_free = !tracer.delete_module_watched;
     s.publish_status(&tracer);
     if let Some(tx) = ready {
         let _ = tx.send(());
