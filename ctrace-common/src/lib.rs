@@ -372,7 +372,9 @@ pub struct ModuleLayout {
     pub user_ns_level: u32,
     /// task_struct.start_boottime (what /proc/PID/stat's starttime shows, in clock ticks).
     pub task_start_boottime: u32,
-    pub _pad: u32,
+    /// task_struct.group_leader: a process's name and start time are its leader's (the forking thread may be
+    /// another one, with a name of its own).
+    pub task_group_leader: u32,
 }
 
 #[cfg(feature = "user")]

@@ -146,7 +146,7 @@ pub(crate) static MODULE_LAYOUT: ctrace_common::ModuleLayout = ctrace_common::Mo
     cred_user_ns: 0,
     user_ns_level: 0,
     task_start_boottime: 0,
-    _pad: 0,
+    task_group_leader: 0,
 };
 
 /// Reads one field of `MODULE_LAYOUT`.

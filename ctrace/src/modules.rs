@@ -57,7 +57,7 @@ pub fn layout(btf: &Btf, tracefs: &Path) -> anyhow::Result<(ModuleLayout, bool)>
         user_ns_level: off("user_namespace", "level")?,
         // `real_start_time` before 5.5.
         task_start_boottime: off("task_struct", "start_boottime").or_else(|_| off("task_struct", "real_start_time"))?,
-        _pad: 0,
+        task_group_leader: off("task_struct", "group_leader")?,
     };
     Ok((layout, syscalls))
 }

@@ -172,6 +172,13 @@ fn a_module_event_names_the_chain_up_to_the_service() {
         Some(u64::from(std::process::id())),
         "then this test: {chain:?}"
     );
+    // A process is named by its thread-group leader (this test forked the script from a thread of its own).
+    let me = std::fs::read("/proc/self/cmdline").unwrap();
+    assert_eq!(
+        chain[1]["cmdline"].as_str(),
+        Some(ctrace::modules::cmdline_string(&me).as_str()),
+        "{chain:?}"
+    );
     assert_eq!(pids.last().copied(), Some(1), "up to init: {chain:?}");
     assert_eq!(e["chain_truncated"], false);
     assert_eq!(e["cgroup"], format!("/system.slice/{UNIT}"));

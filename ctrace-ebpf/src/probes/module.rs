@@ -57,9 +57,18 @@ unsafe fn can_change_modules(task: u64) -> bool {
     }
 }
 
+/// The thread-group leader of `task` (the process as /proc shows it), or `task` when unreadable.
+#[inline(always)]
+unsafe fn leader(task: u64) -> u64 {
+    match unsafe { read_ptr(task + module_layout!(task_group_leader) as u64) } {
+        0 => task,
+        l => l,
+    }
+}
+
 /// Records the chain of processes behind the caller: parent, grandparent, ... up to pid 1 (or MAX_ANCESTORS), each
-/// with its pid, start time and comm, while they still exist (a script that ran modprobe may be gone by the time
-/// userspace reads the event).
+/// with its pid, start time and comm (its thread-group leader's), while they still exist (a script that ran
+/// modprobe may be gone by the time userspace reads the event).
 #[inline(always)]
 unsafe fn fill_ancestors(first: u64, ev: &mut ModuleEvent) {
     unsafe {
@@ -68,6 +77,7 @@ unsafe fn fill_ancestors(first: u64, ev: &mut ModuleEvent) {
             if task == 0 {
                 break;
             }
+            task = leader(task);
             a.pid = bpf_probe_read_kernel((task + module_layout!(task_tgid) as u64) as *const u32).unwrap_or(0);
             a.start_ns =
                 bpf_probe_read_kernel((task + module_layout!(task_start_boottime) as u64) as *const u64).unwrap_or(0);
@@ -91,8 +101,9 @@ unsafe fn fill_process(ev: &mut ModuleEvent) {
         ev.uid = bpf_get_current_uid_gid() as u32;
         ev.pid = bpf_probe_read_kernel((task + module_layout!(task_tgid) as u64) as *const u32).unwrap_or(0);
         let _ = bpf_probe_read_kernel_buf((task + module_layout!(task_comm) as u64) as *const u8, &mut ev.comm);
-        let parent = read_ptr(task + module_layout!(task_real_parent) as u64);
+        let mut parent = read_ptr(task + module_layout!(task_real_parent) as u64);
         if parent != 0 {
+            parent = leader(parent);
             ev.ppid = bpf_probe_read_kernel((parent + module_layout!(task_tgid) as u64) as *const u32).unwrap_or(0);
             let _ = bpf_probe_read_kernel_buf(
                 (parent + module_layout!(task_comm) as u64) as *const u8,
