@@ -229,6 +229,15 @@ pub struct Correlator {
 /// Most callers whose provenance is kept between their first and last event (a lost exit must not leak).
 const MAX_PENDING: usize = 1024;
 
+/// Inserts into a per-caller map that a lost exit record would otherwise grow for ever: past the bound the
+/// pending callers are forgotten (their outcome then goes unreported, which beats unbounded memory).
+fn bounded_insert<V>(map: &mut HashMap<u32, V>, pid: u32, v: V) {
+    if map.len() >= MAX_PENDING && !map.contains_key(&pid) {
+        map.clear();
+    }
+    map.insert(pid, v);
+}
+
 /// The modules a `modprobe -r ...` or `rmmod ...` command line asks to remove (empty if it is not
 /// a removal). Options that take a value skip it.
 pub fn removal_targets(argv: &[String]) -> Vec<String> {
@@ -321,7 +330,7 @@ impl Correlator {
                         (n, h)
                     })
                     .collect();
-                self.tools.insert(ev.pid, targets);
+                bounded_insert(&mut self.tools, ev.pid, targets);
                 vec![]
             }
             module_kind::TOOL_EXIT => {
@@ -354,8 +363,11 @@ impl Correlator {
                 } else {
                     vec![]
                 };
-                self.deleting.insert(ev.pid, (name, holders));
+                bounded_insert(&mut self.deleting, ev.pid, (name, holders));
                 if self.tools.contains_key(&ev.pid) {
+                    if self.asked_kernel.len() >= MAX_PENDING {
+                        self.asked_kernel.clear();
+                    }
                     self.asked_kernel.insert(ev.pid);
                 }
                 vec![]

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use ctrace_common::Reason;
 
 use crate::{
+    bounds::BoundsSummary,
     ctstat::CounterDelta,
     summary::{AttributionStats, Split},
 };
@@ -49,4 +50,6 @@ pub struct Status {
     pub attribution: AttributionStats,
     pub module_requests_unprivileged: u64,
     pub probes: Vec<ProbeState>,
+    /// The bounds on per-netns state: reached or not, and what they cost.
+    pub bounds: BoundsSummary,
 }

@@ -348,6 +348,7 @@ impl Session {
             attribution: self.attribution_stats(tracer)?,
             module_requests_unprivileged: self.modules.unprivileged,
             probes: tracer.probes(),
+            bounds: self.bounds,
             ..Default::default()
         };
         for ((netns, reason), split) in tracer.netns_totals()? {

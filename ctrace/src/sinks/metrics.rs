@@ -384,6 +384,22 @@ fn encode_status(enc: &mut DescriptorEncoder, s: &Status) -> Result<(), std::fmt
         MetricType::Counter,
         [(Labels::new(), Value::Counter(s.module_requests_unprivileged))],
     )?;
+    let bounds = || crate::bounds::Bound::ALL.into_iter().map(|b| (b, s.bounds.get(b)));
+    family(
+        enc,
+        "ctrace_bound_reached",
+        "Whether a bound on per-netns state was reached (1): global totals stay exact, what it no longer splits, \
+         reads or names is in the README's \"Bounds on per-netns state\"",
+        MetricType::Gauge,
+        bounds().map(|(b, st)| (vec![("bound", b.name().to_owned())], Value::Gauge(st.reached.into()))),
+    )?;
+    family(
+        enc,
+        "ctrace_bound_cost",
+        "What each bound cost so far (per bound: drops not split by netns, baselines evicted, netns left out, ...)",
+        MetricType::Gauge,
+        bounds().map(|(b, st)| (vec![("bound", b.name().to_owned())], Value::Gauge(st.count as i64))),
+    )?;
     family(
         enc,
         "ctrace_probe_attached",
@@ -479,6 +495,8 @@ mod tests {
             r#"ctrace_events_lost_total 3"#,
             r#"ctrace_probe_attached{probe="kfree_skb",kind="tp_btf"} 1"#,
             r#"ctrace_mode_info{mode="tracepoint"} 1"#,
+            r#"ctrace_bound_reached{bound="netns_totals"} 0"#,
+            r#"ctrace_bound_cost{bound="hooked_netns"} 0"#,
             "# EOF",
         ] {
             assert!(body.lines().any(|l| l == line), "{line} missing in\n{body}");
