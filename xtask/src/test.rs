@@ -1,8 +1,8 @@
 //! `cargo xtask test`: the project's test steps, in order, with a summary.
 //!
 //! A step is one entry in [`STEPS`]: its name, its kind (which `--*-only` flag selects it), the Debian packages
-//! it needs and what runs it (a function, or a VM suite for the runner). Every step runs even when an earlier one failed; the command fails
-//! when any step failed.
+//! it needs and what runs it (a function, or a VM suite for the runner). Every step runs even when an earlier one
+//! failed; the command fails when any step failed.
 
 use crate::{
     build, setup, suites,
