@@ -81,7 +81,7 @@ ct=$!
 wait_for '^ctrace: .* mode: ' $ATTACH_S || { stop_ctrace; finish 1 "ctrace did not attach within $ATTACH_S s"; }
 
 say "step 1: nf_conntrack_max is $default, the kernel's default for this machine; an admin raises it to $RAISED_MAX for traffic peaks and persists it in /etc/sysctl.d/90-conntrack.conf"
-printf 'net.netfilter.nf_conntrack_max = $RAISED_MAX\n' >/etc/sysctl.d/90-conntrack.conf
+printf 'net.netfilter.nf_conntrack_max = %s\n' "$RAISED_MAX" >/etc/sysctl.d/90-conntrack.conf
 sysctl -p /etc/sysctl.d/90-conntrack.conf >/dev/null || { stop_ctrace; finish 1 "sysctl -p failed"; }
 sleep 2
 say "step 2: a traffic peak of $flows TCP connections fits in the raised table"
