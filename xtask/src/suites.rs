@@ -17,7 +17,7 @@ const CONNTRACK_FIREWALL: &[&str] = &["nf_conntrack", "xt_conntrack", "iptable_f
 /// before and after a module reload (`tests/tests/check.rs`, which stops the firewall first).
 pub(crate) const DROPS_AND_CHECK: Suite = Suite {
     step: "VM drop and check tests",
-    name: "drops",
+    name: "drops-check",
     targets: &["drops", "check"],
     kernels: &[KernelSpec::Debian61],
     modules: CONNTRACK_FIREWALL,

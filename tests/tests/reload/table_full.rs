@@ -50,7 +50,7 @@ fn table_full_drops_are_counted_across_a_reload() {
     let reattached = check_reload_events(&mut c, &events);
     let total = first.plus(&second);
     let summary = of_kind(&events, "summary").next().cloned().unwrap_or_default();
-    let drops_ = &summary["drops"];
+    let totals = &summary["drops"];
     let full: Vec<_> = drops(&events, "table_full").collect();
     let after = reattached.map_or(0, |r| {
         full.iter().filter(|v| timestamp(v).is_some_and(|ts| ts > r)).count()
@@ -60,10 +60,10 @@ fn table_full_drops_are_counted_across_a_reload() {
          early_drop kernel +{} ctrace {}",
         first.drop,
         second.drop,
-        drops_["table_full"],
+        totals["table_full"],
         full.len(),
         total.early_drop,
-        drops_["early_drop"]
+        totals["early_drop"]
     ));
     c.check(first.drop > 0 && second.drop > 0, || {
         format!(
@@ -73,7 +73,7 @@ fn table_full_drops_are_counted_across_a_reload() {
     });
     c.equal(
         "summary drops.table_full (the kernel's drop deltas)",
-        drops_["table_full"].as_u64(),
+        totals["table_full"].as_u64(),
         Some(total.drop),
     );
     c.equal(
@@ -88,7 +88,7 @@ fn table_full_drops_are_counted_across_a_reload() {
     );
     c.equal(
         "summary drops.early_drop (the kernel's early_drop deltas)",
-        drops_["early_drop"].as_u64(),
+        totals["early_drop"].as_u64(),
         Some(total.early_drop),
     );
     let reported = summary_kernel_counters(&summary);
