@@ -80,6 +80,19 @@ pub fn sh(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The iptables rule (arguments after `iptables -w`) that makes the kernel track a netns's outgoing traffic: any
+/// conntrack match does. The tests use it too.
+pub const TRACK_OUTPUT_RULE: [&str; 8] = [
+    "-A",
+    "OUTPUT",
+    "-m",
+    "conntrack",
+    "--ctstate",
+    "NEW,ESTABLISHED,RELATED",
+    "-j",
+    "ACCEPT",
+];
+
 /// The destination of flow `i`: 127.(1+i>>16).(i>>8&255).(i&255). 127/8 is all local, so each flow is a
 /// distinct conntrack tuple; the tests send (and recognise) the same flows.
 pub fn flow_destination(i: u32, port: u16) -> SocketAddrV4 {
@@ -127,20 +140,8 @@ fn traffic(
     };
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).context("cannot create a network namespace")?;
     sh(&["ip", "link", "set", "lo", "up"])?;
-    // Any conntrack match makes the kernel track this netns's traffic.
-    sh(&[
-        "iptables",
-        "-w",
-        "-A",
-        "OUTPUT",
-        "-m",
-        "conntrack",
-        "--ctstate",
-        "NEW,ESTABLISHED,RELATED",
-        "-j",
-        "ACCEPT",
-    ])
-    .context("the demo needs iptables to enable conntrack in its netns")?;
+    sh(&[&["iptables", "-w"], &TRACK_OUTPUT_RULE[..]].concat())
+        .context("the demo needs iptables to enable conntrack in its netns")?;
     sh(&[
         "iptables",
         "-w",

@@ -127,8 +127,14 @@ impl Drop for Unloaded {
     }
 }
 
-/// An iptables rule, deleted on drop: `IptablesRule::add("iptables", "-A OUTPUT -m conntrack ...")` (`-A` or
-/// `-I`, then the chain, then the rule).
+/// The rule that makes conntrack track the guest's outgoing traffic (its match module, xt_conntrack, holds
+/// nf_conntrack); deleted on drop.
+pub fn track_output() -> anyhow::Result<IptablesRule> {
+    IptablesRule::add("iptables", &ctrace::demo::TRACK_OUTPUT_RULE)
+}
+
+/// An iptables rule, deleted on drop: `IptablesRule::add("iptables", &["-I", "OUTPUT", ...])` (`-A` or `-I`, then
+/// the chain, then the rule).
 pub struct IptablesRule {
     tool: String,
     chain: String,
@@ -136,9 +142,8 @@ pub struct IptablesRule {
 }
 
 impl IptablesRule {
-    pub fn add(tool: &str, spec: &str) -> anyhow::Result<IptablesRule> {
-        let words: Vec<&str> = spec.split_whitespace().collect();
-        let [op @ ("-A" | "-I"), chain, rule @ ..] = &words[..] else {
+    pub fn add(tool: &str, spec: &[&str]) -> anyhow::Result<IptablesRule> {
+        let [op @ ("-A" | "-I"), chain, rule @ ..] = spec else {
             anyhow::bail!("{spec:?} does not start with -A or -I and a chain");
         };
         let mut args = vec![tool, "-w", op, chain];

@@ -51,18 +51,7 @@ impl TestNetns {
     pub fn new(tag: &str) -> anyhow::Result<TestNetns> {
         let ns = TestNetns::bare(tag)?;
         for tool in ["iptables", "ip6tables"] {
-            ns.exec(&[
-                tool,
-                "-w",
-                "-A",
-                "OUTPUT",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "NEW,ESTABLISHED,RELATED",
-                "-j",
-                "ACCEPT",
-            ])?;
+            ns.exec(&[&[tool, "-w"], &ctrace::demo::TRACK_OUTPUT_RULE[..]].concat())?;
         }
         Ok(ns)
     }

@@ -13,7 +13,7 @@ use ctrace_tests::{
     Counters, Ctrace,
     checks::Checks,
     events::{drops, of_kind, summary_kernel_counters},
-    guest::{IptablesRule, empty_conntrack_table, set_sysctl, sysctl},
+    guest::{IptablesRule, empty_conntrack_table, set_sysctl, sysctl, track_output},
     require_root,
     traffic::{self, Sends, flow_destination},
 };
@@ -87,12 +87,12 @@ fn run(mode_args: &[&str], expect: Expect) {
     // Whatever ran before (the other mode's test) left entries in the table: start from an empty one.
     empty_conntrack_table().unwrap();
     // Conntrack tracks OUTPUT; INVALID packets are dropped first. The rules go when the test ends.
-    let _track = IptablesRule::add(
+    let _track = track_output().unwrap();
+    let _invalid = IptablesRule::add(
         "iptables",
-        "-A OUTPUT -m conntrack --ctstate NEW,ESTABLISHED,RELATED -j ACCEPT",
+        &["-I", "OUTPUT", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"],
     )
     .unwrap();
-    let _invalid = IptablesRule::add("iptables", "-I OUTPUT -m conntrack --ctstate INVALID -j DROP").unwrap();
     let default_max: u32 = sysctl(MAX_KEY).unwrap().parse().unwrap();
     let mut args = vec!["--rate-limit", "0"];
     args.extend_from_slice(mode_args);

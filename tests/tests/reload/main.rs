@@ -44,13 +44,9 @@ fn start_ctrace() -> Ctrace {
     Ctrace::start(&["--rate-limit", "0"]).unwrap()
 }
 
-/// The rule that makes conntrack track OUTPUT (its modules hold nf_conntrack); deleted on drop.
+/// The firewall's rule that makes conntrack track OUTPUT (its module holds nf_conntrack); deleted on drop.
 fn firewall_on() -> IptablesRule {
-    IptablesRule::add(
-        "iptables",
-        "-A OUTPUT -m conntrack --ctstate NEW,ESTABLISHED,RELATED -j ACCEPT",
-    )
-    .unwrap()
+    guest::track_output().unwrap()
 }
 
 /// What every case checks: ctrace ended cleanly after SIGINT with one summary and lost nothing.
