@@ -57,8 +57,10 @@ fn a_reload_resets_raised_settings_and_says_so() {
     reload_while_tracing(&mut c, &mut ctrace, Some(&mut text_mode));
     let after_max = sysctl(MAX_KEY).unwrap();
     let after_timeout = sysctl(TIMEOUT_KEY).unwrap();
+    // Both stop at once, as they started.
+    let text_stop = std::thread::spawn(move || text_mode.stop());
     let (events, status) = ctrace.stop_with_status().unwrap();
-    let (lines, text_status) = text_mode.stop().unwrap();
+    let (lines, text_status) = text_stop.join().unwrap().unwrap();
 
     check_session(&mut c, &events, status);
     check_reload_events(&mut c, &events);
