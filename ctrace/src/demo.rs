@@ -63,8 +63,9 @@ impl Drop for GlobalMaxGuard<'_> {
     }
 }
 
-/// Runs a command inside the calling thread's netns (a forked child inherits it).
-fn sh(args: &[&str]) -> anyhow::Result<()> {
+/// Runs `args[0]` with the rest as arguments inside the calling thread's netns (a forked child inherits it);
+/// returns its stdout, or an error with its stderr when it fails. The tests run their commands with it too.
+pub fn sh(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -76,7 +77,27 @@ fn sh(args: &[&str]) -> anyhow::Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The iptables rule (arguments after `iptables -w`) that makes the kernel track a netns's outgoing traffic: any
+/// conntrack match does. The tests use it too.
+pub const TRACK_OUTPUT_RULE: [&str; 8] = [
+    "-A",
+    "OUTPUT",
+    "-m",
+    "conntrack",
+    "--ctstate",
+    "NEW,ESTABLISHED,RELATED",
+    "-j",
+    "ACCEPT",
+];
+
+/// The destination of flow `i`: 127.(1+i>>16).(i>>8&255).(i&255). 127/8 is all local, so each flow is a
+/// distinct conntrack tuple; the tests send (and recognise) the same flows.
+pub fn flow_destination(i: u32, port: u16) -> SocketAddrV4 {
+    let [_, b, c, d] = i.to_be_bytes();
+    SocketAddrV4::new(Ipv4Addr::new(127, b.wrapping_add(1), c, d), port)
 }
 
 /// Sends one datagram to each of `flows` distinct destinations; returns how many sends failed.
@@ -87,9 +108,7 @@ fn udp_flows(first: u32, flows: u32, port: u16, cancel: &AtomicBool) -> anyhow::
         if cancel.load(Ordering::Relaxed) {
             break;
         }
-        // 127/8 is all local: each address is a distinct conntrack tuple.
-        let dst = Ipv4Addr::new(127, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8);
-        if sock.send_to(b"x", SocketAddrV4::new(dst, port)).is_err() {
+        if sock.send_to(b"x", flow_destination(i, port)).is_err() {
             failed += 1;
         }
     }
@@ -121,20 +140,8 @@ fn traffic(
     };
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).context("cannot create a network namespace")?;
     sh(&["ip", "link", "set", "lo", "up"])?;
-    // Any conntrack match makes the kernel track this netns's traffic.
-    sh(&[
-        "iptables",
-        "-w",
-        "-A",
-        "OUTPUT",
-        "-m",
-        "conntrack",
-        "--ctstate",
-        "NEW,ESTABLISHED,RELATED",
-        "-j",
-        "ACCEPT",
-    ])
-    .context("the demo needs iptables to enable conntrack in its netns")?;
+    sh(&[&["iptables", "-w"], &TRACK_OUTPUT_RULE[..]].concat())
+        .context("the demo needs iptables to enable conntrack in its netns")?;
     sh(&[
         "iptables",
         "-w",
@@ -282,4 +289,17 @@ pub async fn run(args: DemoArgs, offset: time::UtcOffset) -> anyhow::Result<()> 
     let _ = stop_tx.send(true);
     session.await??;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::flow_destination;
+
+    #[test]
+    fn flow_destinations_spread_over_127_slash_8() {
+        assert_eq!(flow_destination(0, 9).to_string(), "127.1.0.0:9");
+        assert_eq!(flow_destination(556, 9).to_string(), "127.1.2.44:9");
+        assert_eq!(flow_destination(0x1_02_03, 7).to_string(), "127.2.2.3:7");
+        assert_eq!(flow_destination((255 << 16) - 1, 9).to_string(), "127.255.255.255:9");
+    }
 }

@@ -1,27 +1,28 @@
 //! Helpers for ctrace's real-kernel tests: throwaway network namespaces, sysctl guards that
-//! restore on every exit path (panics included), bounded traffic, and a ctrace child process.
+//! restore on every exit path (panics included), the kernel's conntrack counters, bounded traffic
+//! (`traffic`), ctrace as a child process (`child`), its JSON records (`events`), checks that report
+//! every failure (`checks`) and what tests inside VM guests change (`guest`).
 //!
-//! Every test traffic goes to loopback inside a netns the test created; every loop is bounded.
+//! Every test traffic goes to loopback inside a netns the test created (or inside a VM guest);
+//! every loop is bounded.
 
-use std::{
-    fs,
-    io::{BufRead as _, BufReader},
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
-};
+use std::{fs, net::SocketAddrV4, path::PathBuf};
 
-use anyhow::{Context as _, bail};
-use serde_json::Value;
+use anyhow::Context as _;
 
 pub mod caps;
 pub mod flood;
+pub mod checks;
+pub mod child;
+pub mod events;
+pub mod guest;
 pub mod packets;
 pub mod prometheus;
 pub mod threads;
 pub mod topology;
+pub mod traffic;
+
+pub use child::{Ctrace, CtraceText};
 
 /// The ctrace binary under test (`cargo xtask test` sets CTRACE_BIN).
 pub fn ctrace_bin() -> PathBuf {
@@ -40,20 +41,8 @@ pub fn require_root() {
     );
 }
 
-fn run(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .with_context(|| format!("cannot run {}", args[0]))?;
-    if !out.status.success() {
-        bail!(
-            "`{}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
+/// Runs `args[0]` with the rest as arguments; its stdout, or an error with its stderr when it fails.
+pub use ctrace::demo::sh as run;
 
 /// A named netns (`ip netns add`), deleted on drop.
 pub struct TestNetns {
@@ -65,18 +54,7 @@ impl TestNetns {
     pub fn new(tag: &str) -> anyhow::Result<TestNetns> {
         let ns = TestNetns::bare(tag)?;
         for tool in ["iptables", "ip6tables"] {
-            ns.exec(&[
-                tool,
-                "-w",
-                "-A",
-                "OUTPUT",
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "NEW,ESTABLISHED,RELATED",
-                "-j",
-                "ACCEPT",
-            ])?;
+            ns.exec(&[&[tool, "-w"], &ctrace::demo::TRACK_OUTPUT_RULE[..]].concat())?;
         }
         Ok(ns)
     }
@@ -108,31 +86,16 @@ impl TestNetns {
         Counters::parse(&self.exec(&["cat", "/proc/net/stat/nf_conntrack"])?)
     }
 
-    /// Sends one datagram to each of `count` distinct destinations 127.(1+i>>16).(i>>8).i:port,
-    /// from a thread inside this netns. Returns the destinations used and how many sends failed.
+    /// Sends one datagram to each of `count` distinct destinations `traffic::flow_destination(i, port)`, from a
+    /// thread inside this netns. Returns the destinations used and how many sends failed.
     pub fn udp_flows(&self, first: u32, count: u32, port: u16) -> anyhow::Result<(Vec<SocketAddrV4>, u32)> {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || -> anyhow::Result<(Vec<SocketAddrV4>, u32)> {
-            let f = fs::File::open(&path)?;
-            nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
-            let sock = UdpSocket::bind("127.0.0.1:0")?;
-            let mut sent = Vec::with_capacity(count as usize);
-            let mut failed = 0;
-            for i in first..first + count {
-                let dst = SocketAddrV4::new(Ipv4Addr::new(127, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8), port);
-                if sock.send_to(b"x", dst).is_err() {
-                    failed += 1;
-                }
-                sent.push(dst);
-            }
-            Ok((sent, failed))
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("traffic thread panicked"))?
+        let sends = self.in_netns(move || traffic::udp_flows(first, count, port))?;
+        let sent = (first..first + count)
+            .map(|i| traffic::flow_destination(i, port))
+            .collect();
+        Ok((sent, sends.failed))
     }
-}
 
-impl TestNetns {
     /// Runs `f` on a thread inside this netns (sockets it opens belong to the netns).
     pub fn in_netns<T: Send + 'static>(
         &self,
@@ -244,12 +207,34 @@ impl Counters {
         })
     }
 
+    /// The counters of the calling thread's netns.
+    pub fn read() -> anyhow::Result<Counters> {
+        const PATH: &str = "/proc/thread-self/net/stat/nf_conntrack";
+        let text = fs::read_to_string(PATH).with_context(|| format!("cannot read {PATH} (is nf_conntrack loaded?)"))?;
+        Counters::parse(&text)
+    }
+
+    /// `self - before`. Panics when a counter went backwards (a module reload in between, or swapped arguments):
+    /// a delta across that would be meaningless.
     pub fn since(&self, before: &Counters) -> Counters {
+        let sub = |now: u64, then: u64, name: &str| {
+            now.checked_sub(then)
+                .unwrap_or_else(|| panic!("the kernel's {name} counter went backwards ({then} -> {now})"))
+        };
         Counters {
-            drop: self.drop - before.drop,
-            early_drop: self.early_drop - before.early_drop,
-            insert_failed: self.insert_failed - before.insert_failed,
-            invalid: self.invalid - before.invalid,
+            drop: sub(self.drop, before.drop, "drop"),
+            early_drop: sub(self.early_drop, before.early_drop, "early_drop"),
+            insert_failed: sub(self.insert_failed, before.insert_failed, "insert_failed"),
+            invalid: sub(self.invalid, before.invalid, "invalid"),
+        }
+    }
+
+    pub fn plus(&self, other: &Counters) -> Counters {
+        Counters {
+            drop: self.drop + other.drop,
+            early_drop: self.early_drop + other.early_drop,
+            insert_failed: self.insert_failed + other.insert_failed,
+            invalid: self.invalid + other.invalid,
         }
     }
 }
@@ -276,154 +261,6 @@ impl Drop for SysctlGuard {
         if let Err(e) = fs::write(&self.path, &self.old) {
             eprintln!("FAILED TO RESTORE {} to {}: {e}", self.path, self.old);
         }
-    }
-}
-
-const ATTACH_TIMEOUT: Duration = Duration::from_secs(120);
-const STOP_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// `ctrace run --json ...` as a child; stdout lines are collected as JSON values.
-pub struct Ctrace {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    pub events: Vec<Value>,
-}
-
-impl Ctrace {
-    /// Starts ctrace and waits until its probes are attached (the `mode` event), which must name the mode in
-    /// CTRACE_TEST_EXPECT_MODE when that is set (the VM runs set it). The bounds are generous for emulated
-    /// guests, where start-up (BTF parsing, verification) is slow.
-    pub fn start(args: &[&str]) -> anyhow::Result<Ctrace> {
-        Ctrace::start_command(Command::new(ctrace_bin()), args)
-    }
-
-    /// As [`Ctrace::start`], with `cmd` as the start of the command line (ctrace itself, or a wrapper such as
-    /// `setpriv ... -- ctrace`); its stderr goes where `cmd` sends it.
-    pub fn start_command(cmd: Command, args: &[&str]) -> anyhow::Result<Ctrace> {
-        Ctrace::start_expecting(cmd, args, std::env::var("CTRACE_TEST_EXPECT_MODE").ok())
-    }
-
-    /// As [`Ctrace::start_command`], expecting the mode `expect_mode` (None: any).
-    pub fn start_expecting(mut cmd: Command, args: &[&str], expect_mode: Option<String>) -> anyhow::Result<Ctrace> {
-        let mut child = cmd
-            .arg("run")
-            .arg("--json")
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("cannot start ctrace")?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut c = Ctrace {
-            child,
-            lines: rx,
-            events: vec![],
-        };
-        let deadline = Instant::now() + ATTACH_TIMEOUT;
-        while Instant::now() < deadline {
-            match c.lines.recv_timeout(Duration::from_millis(200)) {
-                Ok(line) => {
-                    let v: Value = serde_json::from_str(&line).with_context(|| format!("not JSON: {line}"))?;
-                    let is_mode = v["event"] == "mode";
-                    if is_mode
-                        && let Some(want) = &expect_mode
-                        && v["mode"] != want.as_str()
-                    {
-                        bail!(
-                            "ctrace attached in {} mode, this run expects {want} mode: {v}",
-                            v["mode"]
-                        );
-                    }
-                    c.events.push(v);
-                    if is_mode {
-                        return Ok(c);
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if let Some(status) = c.child.try_wait()? {
-                        bail!("ctrace exited before attaching: {status}");
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => bail!("ctrace closed stdout before attaching"),
-            }
-        }
-        bail!("ctrace did not attach within {ATTACH_TIMEOUT:?}")
-    }
-
-    /// Collects output until an event for which `pred` is true arrives (returned) or `timeout` passes (None).
-    pub fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> anyhow::Result<Option<Value>> {
-        let deadline = Instant::now() + timeout;
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left.min(Duration::from_millis(200))) {
-                Ok(line) => {
-                    let v: Value = serde_json::from_str(&line).with_context(|| format!("not JSON: {line}"))?;
-                    let hit = pred(&v);
-                    self.events.push(v.clone());
-                    if hit {
-                        return Ok(Some(v));
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => bail!("ctrace closed stdout"),
-            }
-        }
-        Ok(None)
-    }
-
-    /// Sends SIGINT and collects the rest of the output. Returns the summary.
-    pub fn stop(self) -> anyhow::Result<(Vec<Value>, Value)> {
-        self.stop_with(nix::sys::signal::SIGINT)
-    }
-
-    /// SIGKILL: ctrace gets no chance to clean up; waits until it is gone.
-    pub fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Sends `signal` and collects the rest of the output. Returns the summary.
-    pub fn stop_with(mut self, signal: nix::sys::signal::Signal) -> anyhow::Result<(Vec<Value>, Value)> {
-        // Give the one-second counter poll a chance to see the last traffic.
-        std::thread::sleep(Duration::from_millis(1500));
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal)?;
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            match self.lines.recv_timeout(Duration::from_millis(200)) {
-                Ok(line) => self
-                    .events
-                    .push(serde_json::from_str(&line).with_context(|| format!("not JSON: {line}"))?),
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() > deadline => {
-                    let _ = self.child.kill();
-                    bail!("ctrace did not exit within {STOP_TIMEOUT:?} of SIGINT");
-                }
-                Err(_) => {}
-            }
-        }
-        let status = self.child.wait()?;
-        if !status.success() {
-            bail!("ctrace exited with {status}");
-        }
-        let summaries: Vec<&Value> = self.events.iter().filter(|v| v["event"] == "summary").collect();
-        if summaries.len() != 1 {
-            bail!("expected exactly one summary, got {}", summaries.len());
-        }
-        let summary = summaries[0].clone();
-        Ok((std::mem::take(&mut self.events), summary))
-    }
-}
-
-impl Drop for Ctrace {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

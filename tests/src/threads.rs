@@ -74,6 +74,47 @@ pub fn enter_new_netns() -> anyhow::Result<u64> {
     Ok(fs::metadata("/proc/thread-self/ns/net")?.ino())
 }
 
+/// A netns of its own, held by a parked thread, for tests that need another netns where `ip netns` is not at
+/// hand (VM guests). It goes away when this is dropped.
+pub struct HeldNetns {
+    pub inode: u64,
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HeldNetns {
+    /// Enters a new netns on a new thread, runs `setup` there (e.g. writes one of its per-netns sysctls) and
+    /// keeps the thread parked in it.
+    pub fn new(setup: impl FnOnce() -> anyhow::Result<()> + Send + 'static) -> anyhow::Result<HeldNetns> {
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let (stop, parked) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let inode = enter_new_netns().and_then(|inode| setup().map(|()| inode));
+            let ok = inode.is_ok();
+            let _ = ready_tx.send(inode);
+            if ok {
+                // Until the sender is dropped.
+                let _ = parked.recv();
+            }
+        });
+        let inode = ready.recv().context("the netns thread ended early")??;
+        Ok(HeldNetns {
+            inode,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for HeldNetns {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// `ip link set lo up` in the calling thread's netns, by ioctl (no process to start).
 pub fn loopback_up() -> anyhow::Result<()> {
     // SAFETY: socket() has no memory preconditions; the result is checked.

@@ -2,16 +2,10 @@
 
 use std::collections::HashSet;
 
-use ctrace_tests::{Ctrace, SysctlGuard, TestNetns, require_root};
+use ctrace_tests::{Ctrace, SysctlGuard, TestNetns, events::drops, require_root};
 use serde_json::Value;
 
 const MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
-
-fn drops<'a>(events: &'a [Value], reason: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
-    events
-        .iter()
-        .filter(move |v| v["event"] == "drop" && v["reason"] == reason)
-}
 
 /// Overflows a throwaway netns's table: table_full must equal the kernel's `drop` delta and
 /// early_drop its `early_drop` delta; every reported flow must be one this test sent.

@@ -96,18 +96,9 @@ pub struct Kernel {
     pub modules_root: PathBuf,
 }
 
-/// The project's build directory: `$CARGO_TARGET_DIR` or `<workspace>/target`.
-pub fn target_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
-        return PathBuf::from(dir);
-    }
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    manifest.parent().unwrap_or(manifest).join("target")
-}
-
 /// Where kernels are cached by default: `<target>/vm-kernels`.
 pub fn default_cache_root() -> PathBuf {
-    target_dir().join("vm-kernels")
+    crate::build::target_dir(&crate::workspace_root()).join("vm-kernels")
 }
 
 const READY_MARKER: &str = "extracted";

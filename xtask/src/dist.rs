@@ -4,6 +4,7 @@ use crate::{build, setup};
 use anyhow::{Context, Result, bail, ensure};
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 /// Dist builds name the target explicitly so that `RUSTFLAGS` reach only ctrace's own artifacts, not build
 /// scripts or proc-macros (which cannot be linked statically).
@@ -28,30 +29,37 @@ pub fn dist(ws: &Path) -> Result<PathBuf> {
 }
 
 /// Builds a statically linked release ctrace (glibc, `+crt-static`) in `target/dist-build` and returns its path.
+pub fn build_static(ws: &Path) -> Result<PathBuf> {
+    build_static_bin(ws, "ctrace", "ctrace")
+}
+
+/// Builds the binary `bin` of `package` statically linked, as [`build_static`] does, and returns its path.
+pub fn build_static_bin(ws: &Path, package: &str, bin: &str) -> Result<PathBuf> {
+    let mut cmd = static_cargo(ws, "build")?;
+    cmd.args(["--package", package, "--bin", bin, "--release"]);
+    setup::run(&mut cmd).with_context(|| format!("building the static {bin} failed"))?;
+    let path = static_target_dir(ws).join(DIST_TARGET).join("release").join(bin);
+    ensure_static(&path)?;
+    Ok(path)
+}
+
+/// `cargo <subcommand>` for statically linked artifacts: the dist target, `+crt-static`, and `target/dist-build`.
 ///
 /// The separate target directory keeps these flags from invalidating the normal builds. The nested eBPF build that
 /// ctrace/build.rs starts is unaffected: aya-build gives it its own `CARGO_ENCODED_RUSTFLAGS`, which override
 /// `RUSTFLAGS`.
-pub fn build_static(ws: &Path) -> Result<PathBuf> {
-    let target_dir = build::target_dir(ws).join("dist-build");
+pub fn static_cargo(ws: &Path, subcommand: &str) -> Result<Command> {
     let mut cmd = build::cargo(ws)?;
-    cmd.args([
-        "build",
-        "--package",
-        "ctrace",
-        "--release",
-        "--target",
-        DIST_TARGET,
-        "--target-dir",
-    ])
-    .arg(&target_dir)
-    .env("RUSTFLAGS", "-C target-feature=+crt-static")
-    .env_remove("CARGO_ENCODED_RUSTFLAGS")
-    .env_remove("CARGO_BUILD_TARGET");
-    setup::run(&mut cmd).context("building the static ctrace failed")?;
-    let bin = target_dir.join(DIST_TARGET).join("release").join("ctrace");
-    ensure_static(&bin)?;
-    Ok(bin)
+    cmd.args([subcommand, "--target", DIST_TARGET, "--target-dir"])
+        .arg(static_target_dir(ws))
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_BUILD_TARGET");
+    Ok(cmd)
+}
+
+fn static_target_dir(ws: &Path) -> PathBuf {
+    build::target_dir(ws).join("dist-build")
 }
 
 /// Checks that `bin` is an ELF executable with no program interpreter, i.e. that it needs no shared libraries.

@@ -1,5 +1,5 @@
-//! What every VM test guest gets and how its console is read: the static ctrace-testkit, the host's legacy
-//! iptables with its libraries, `MARK key value` lines and `MARK begin/end name` blocks, ctrace's JSON Lines.
+//! What VM guests get and how their console is read: the static ctrace, host tools copied in with their shared
+//! libraries (legacy iptables, nftables, iproute2, kmod), `MARK key value` lines and `MARK begin/end name` blocks.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -9,80 +9,86 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, ensure};
-use serde_json::Value;
 
-pub(crate) const TESTKIT: &str = "ctrace-testkit";
-pub(crate) const GUEST_TESTKIT: &str = "/usr/local/bin/ctrace-testkit";
+/// Where the guest finds ctrace (the static build).
+pub(crate) const GUEST_CTRACE: &str = "/usr/local/bin/ctrace";
 /// The host's legacy iptables (Debian package `iptables`): one multi-call binary, its libraries and extensions.
-pub(crate) const XTABLES_MULTI: &str = "/usr/sbin/xtables-legacy-multi";
-pub(crate) const XTABLES_EXTENSIONS: &str = "/usr/lib/x86_64-linux-gnu/xtables";
+/// The guest script links the `iptables`, `ip6tables`, ... names to it.
+const XTABLES_MULTI: &str = "/usr/sbin/xtables-legacy-multi";
+const XTABLES_EXTENSIONS: &str = "/usr/lib/x86_64-linux-gnu/xtables";
+/// kmod (Debian package kmod) is one multi-call binary: the guest gets it as modprobe and lsmod here, ahead of
+/// busybox's applets in PATH. A script must still call them by path: busybox sh prefers its own applets.
+pub(crate) const GUEST_KMOD_DIR: &str = "/usr/local/sbin";
+pub(crate) const GUEST_KMOD_MODPROBE: &str = "/usr/local/sbin/modprobe";
 
-/// Builds `ctrace-testkit` static (glibc, `+crt-static`) next to the static ctrace and returns its path.
-pub(crate) fn build_testkit(ws: &Path) -> Result<PathBuf> {
-    let target = crate::dist::DIST_TARGET;
-    let target_dir = crate::build::target_dir(ws).join("dist-build");
-    let mut cmd = crate::build::cargo(ws)?;
-    cmd.args([
-        "build",
-        "--release",
-        "--package",
-        "ctrace-tests",
-        "--bin",
-        TESTKIT,
-        "--target",
-        target,
-    ])
-    .arg("--target-dir")
-    .arg(&target_dir)
-    .env("RUSTFLAGS", "-C target-feature=+crt-static")
-    .env_remove("CARGO_ENCODED_RUSTFLAGS")
-    .env_remove("CARGO_BUILD_TARGET");
-    crate::setup::run(&mut cmd).with_context(|| format!("building the static {TESTKIT} failed"))?;
-    let bin = target_dir.join(target).join("release").join(TESTKIT);
-    crate::dist::ensure_static(&bin)?;
-    Ok(bin)
+/// A host tool a guest needs, copied in with every shared library it loads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tool {
+    /// iptables and ip6tables (legacy, with every extension).
+    LegacyIptables,
+    /// nft, in /usr/local/sbin.
+    Nftables,
+    /// ip, in /usr/local/sbin.
+    Iproute2,
+    /// kmod's modprobe and lsmod, in [`GUEST_KMOD_DIR`]: unlike busybox's modprobe, it refuses to unload a module
+    /// in use without asking the kernel, and `modprobe -r` leaves dependencies that are still in use alone.
+    Kmod,
 }
 
-/// The host's legacy iptables for the guest, at the same paths: the multi-call binary, every extension, and every
-/// shared library they load (the ELF loader included). The guest script adds the `iptables` symlinks.
-pub(crate) fn iptables_files() -> Result<Vec<(PathBuf, String)>> {
-    let binary = Path::new(XTABLES_MULTI);
-    ensure!(
-        binary.is_file(),
-        "{XTABLES_MULTI} does not exist: install the Debian package iptables"
-    );
-    let extensions = dir_files(Path::new(XTABLES_EXTENSIONS), XTABLES_EXTENSIONS)?;
-    ensure!(
-        !extensions.is_empty(),
-        "{XTABLES_EXTENSIONS} holds no iptables extensions"
-    );
-    let mut libraries = BTreeSet::new();
-    for object in std::iter::once(binary).chain(extensions.iter().map(|(host, _)| host.as_path())) {
-        let out = crate::setup::capture(Command::new("ldd").arg(object))
-            .with_context(|| format!("could not list the libraries of {}", object.display()))?;
-        libraries.extend(parse_ldd(&out).with_context(|| format!("ldd {}: a library is missing", object.display()))?);
+impl Tool {
+    /// The Debian package that provides it on the host.
+    pub(crate) fn package(self) -> &'static str {
+        match self {
+            Tool::LegacyIptables => "iptables",
+            Tool::Nftables => "nftables",
+            Tool::Iproute2 => "iproute2",
+            Tool::Kmod => "kmod",
+        }
     }
-    let mut files = vec![(binary.to_path_buf(), XTABLES_MULTI.to_string())];
-    files.extend(extensions);
-    files.extend(libraries.into_iter().map(|lib| (PathBuf::from(&lib), lib)));
-    Ok(files)
+
+    /// `(host path, guest path)` of its programs (before their libraries).
+    fn programs(self) -> Result<Vec<(PathBuf, String)>> {
+        let at = |host: &str, guest: &str| (PathBuf::from(host), guest.to_string());
+        Ok(match self {
+            Tool::LegacyIptables => {
+                let mut files = vec![at(XTABLES_MULTI, XTABLES_MULTI)];
+                let extensions = dir_files(Path::new(XTABLES_EXTENSIONS), XTABLES_EXTENSIONS)?;
+                ensure!(
+                    !extensions.is_empty(),
+                    "{XTABLES_EXTENSIONS} holds no iptables extensions"
+                );
+                files.extend(extensions);
+                files
+            }
+            Tool::Nftables => vec![at("/usr/sbin/nft", "/usr/local/sbin/nft")],
+            Tool::Iproute2 => vec![at("/usr/sbin/ip", "/usr/local/sbin/ip")],
+            Tool::Kmod => ["modprobe", "lsmod"]
+                .map(|name| at("/usr/bin/kmod", &format!("{GUEST_KMOD_DIR}/{name}")))
+                .to_vec(),
+        })
+    }
 }
 
-/// Host programs for the guest, `(host path, guest path)`, each with every shared library it loads (at the same
-/// paths, the ELF loader included). A host path may be a symbolic link.
-pub(crate) fn program_files(programs: &[(&str, &str)]) -> Result<Vec<(PathBuf, String)>> {
+/// The files of `tools` for the guest, `(host path, guest path)`: their programs, then every shared library they
+/// load (at the same paths, the ELF loader included), each guest path once.
+pub(crate) fn tool_files(tools: &[Tool]) -> Result<Vec<(PathBuf, String)>> {
     let mut files = Vec::new();
     let mut libraries = BTreeSet::new();
-    for &(host, guest) in programs {
-        let path = Path::new(host);
-        ensure!(
-            path.is_file(),
-            "{host} does not exist: install the Debian package that provides it"
-        );
-        let out = crate::setup::capture(Command::new("ldd").arg(path))
-            .with_context(|| format!("could not list the libraries of {host}"))?;
-        libraries.extend(parse_ldd(&out).with_context(|| format!("ldd {host}: a library is missing"))?);
-        files.push((path.to_path_buf(), guest.to_string()));
+    for &tool in tools {
+        for (host, guest) in tool.programs()? {
+            ensure!(
+                host.is_file(),
+                "{} does not exist: install the Debian package {}",
+                host.display(),
+                tool.package()
+            );
+            let out = crate::setup::capture(Command::new("ldd").arg(&host))
+                .with_context(|| format!("could not list the libraries of {}", host.display()))?;
+            libraries.extend(parse_ldd(&out).with_context(|| format!("ldd {}: a library is missing", host.display()))?);
+            if !files.iter().any(|(_, g)| *g == guest) {
+                files.push((host, guest));
+            }
+        }
     }
     files.extend(libraries.into_iter().map(|lib| (PathBuf::from(&lib), lib)));
     Ok(files)
@@ -109,7 +115,7 @@ fn dir_files(host_dir: &Path, guest_dir: &str) -> Result<Vec<(PathBuf, String)>>
 
 /// The absolute library paths in `ldd` output (the loader's line included, the vDSO skipped); an error names a
 /// library that was not found.
-pub(crate) fn parse_ldd(out: &str) -> Result<Vec<String>> {
+fn parse_ldd(out: &str) -> Result<Vec<String>> {
     let mut libs = Vec::new();
     for line in out.lines().map(str::trim) {
         let target = match line.split_once("=>") {
@@ -125,6 +131,17 @@ pub(crate) fn parse_ldd(out: &str) -> Result<Vec<String>> {
         }
     }
     Ok(libs)
+}
+
+/// Shell lines that set the guest script's variables: `NAME='value'` (exported when `export`), quoted for sh.
+pub(crate) fn shell_vars(vars: &[(&str, &str)], export: bool) -> String {
+    let mut out = String::new();
+    for (name, value) in vars {
+        let quoted = value.replace('\'', r"'\''");
+        let export = if export { "export " } else { "" };
+        out += &format!("{export}{name}='{quoted}'\n");
+    }
+    out
 }
 
 /// The `MARK key value` lines of the script's output (`begin`/`end` block delimiters excluded); a repeated key keeps
@@ -170,144 +187,76 @@ pub(crate) fn is_kernel_message(line: &str) -> bool {
         })
 }
 
-/// Parses ctrace's JSON Lines, skipping blank lines and kernel messages; any other line is an error.
-pub(crate) fn parse_events(lines: &[&str]) -> Result<Vec<Value>> {
-    let mut events = Vec::new();
-    for line in lines {
-        let line = line.trim();
-        if line.is_empty() || is_kernel_message(line) {
-            continue;
-        }
-        let value: Value =
-            serde_json::from_str(line).with_context(|| format!("ctrace printed a non-JSON line: {line}"))?;
-        events.push(value);
-    }
-    Ok(events)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// The kernel's conntrack counters of one netns, summed over CPUs (`ctrace-testkit stats`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Counters {
-    pub(crate) drop: u64,
-    pub(crate) early_drop: u64,
-    pub(crate) insert_failed: u64,
-    pub(crate) invalid: u64,
-}
+    const MARK: &str = "@@ctrace-test";
 
-impl Counters {
-    /// Parses `drop=1 early_drop=2 insert_failed=0 invalid=3` (every field required, in any order).
-    pub(crate) fn parse(line: &str) -> Result<Counters> {
-        let fields = key_values(line)?;
-        let get = |key: &str| {
-            fields
-                .get(key)
-                .with_context(|| format!("the stats line {line:?} has no {key}"))?
-                .parse::<u64>()
-                .with_context(|| format!("{key} is not a number in the stats line {line:?}"))
-        };
-        Ok(Counters {
-            drop: get("drop")?,
-            early_drop: get("early_drop")?,
-            insert_failed: get("insert_failed")?,
-            invalid: get("invalid")?,
-        })
+    fn mark(line: &str) -> String {
+        format!("{MARK} {line}\n")
     }
 
-    /// `self - before`; an error if a counter went backwards (a reload in between, or swapped lines).
-    pub(crate) fn since(&self, before: &Counters) -> Result<Counters> {
-        let sub = |now: u64, then: u64, name: &str| {
-            now.checked_sub(then)
-                .with_context(|| format!("the kernel's {name} counter went backwards ({then} -> {now})"))
-        };
-        Ok(Counters {
-            drop: sub(self.drop, before.drop, "drop")?,
-            early_drop: sub(self.early_drop, before.early_drop, "early_drop")?,
-            insert_failed: sub(self.insert_failed, before.insert_failed, "insert_failed")?,
-            invalid: sub(self.invalid, before.invalid, "invalid")?,
-        })
+    #[test]
+    fn markers_and_blocks_are_extracted() {
+        let output = [
+            "init: noise before\n".to_string(),
+            mark("kernel 6.1.0-56-amd64"),
+            mark("list.reload a b\r"),
+            "@@ctrace-testkernel not-a-marker\n".to_string(),
+            mark("kernel second-value-ignored"),
+            mark("begin test.reload::a"),
+            "case a: truth 1\n".to_string(),
+            "[   12.345678] nf_conntrack: table full, dropping packet\n".to_string(),
+            mark("end test.reload::a"),
+            mark("begin unterminated"),
+            "x\n".to_string(),
+        ]
+        .concat();
+        let values = marker_values(&output, MARK);
+        assert_eq!(values["kernel"], "6.1.0-56-amd64");
+        assert_eq!(values["list.reload"], "a b");
+        assert!(!values.contains_key("begin") && !values.contains_key("end"));
+        assert_eq!(values.len(), 2);
+        let block = marker_block(&output, MARK, "test.reload::a").unwrap();
+        assert_eq!(block.len(), 2);
+        assert!(is_kernel_message(block[1]));
+        assert_eq!(marker_block(&output, MARK, "unterminated"), None);
+        assert_eq!(marker_block(&output, MARK, "missing"), None);
     }
 
-    pub(crate) fn plus(&self, other: &Counters) -> Counters {
-        Counters {
-            drop: self.drop + other.drop,
-            early_drop: self.early_drop + other.early_drop,
-            insert_failed: self.insert_failed + other.insert_failed,
-            invalid: self.invalid + other.invalid,
-        }
-    }
-}
-
-/// `key=value` words (`old=7680 new=131072 pid=123`, `sent=265 failed=291`), whitespace-separated.
-pub(crate) fn key_values(line: &str) -> Result<BTreeMap<&str, &str>> {
-    ensure!(
-        !line.trim().is_empty(),
-        "an empty line where key=value pairs were expected"
-    );
-    line.split_whitespace()
-        .map(|word| {
-            word.split_once('=')
-                .with_context(|| format!("{word:?} is not key=value in {line:?}"))
-        })
-        .collect()
-}
-
-/// One named test of a guest run: the facts it saw and what went wrong.
-pub(crate) struct TestResult {
-    pub(crate) name: String,
-    pub(crate) facts: Vec<String>,
-    pub(crate) failures: Vec<String>,
-}
-
-impl TestResult {
-    pub(crate) fn new(name: &str) -> TestResult {
-        TestResult {
-            name: name.to_string(),
-            facts: Vec::new(),
-            failures: Vec::new(),
-        }
+    #[test]
+    fn kernel_messages_are_recognised() {
+        assert!(is_kernel_message("[    7.123456] random: crng init done"));
+        assert!(!is_kernel_message("[1,2,3]"));
+        assert!(!is_kernel_message("[] x"));
+        assert!(!is_kernel_message("{\"event\":\"drop\"}"));
     }
 
-    pub(crate) fn passed(&self) -> bool {
-        self.failures.is_empty()
-    }
-
-    pub(crate) fn check(&mut self, ok: bool, failure: impl FnOnce() -> String) {
-        if !ok {
-            self.failures.push(failure());
-        }
-    }
-
-    /// `ctrace_value == kernel`, where the ctrace side is a JSON number.
-    pub(crate) fn check_equal(&mut self, what: &str, ctrace_value: &Value, kernel: u64, kernel_what: &str) {
-        self.check(ctrace_value.as_u64() == Some(kernel), || {
-            format!("{what} is {ctrace_value}, the kernel's {kernel_what} {kernel}")
-        });
-    }
-
-    pub(crate) fn line(&self) -> String {
-        let facts = self.facts.join(", ");
-        if self.passed() {
-            format!("{}: ok ({facts})", self.name)
-        } else {
-            format!("{}: FAILED: {} ({facts})", self.name, self.failures.join("; "))
-        }
-    }
-}
-
-/// Prints the plain `N passed, M failed` line CI reads; an error names the first failure and carries the consoles'
-/// ends (`tails`) of the failed guests.
-pub(crate) fn finish(suite: &str, results: &[TestResult], tails: &[String]) -> Result<()> {
-    let failed: Vec<&TestResult> = results.iter().filter(|t| !t.passed()).collect();
-    println!("{} passed, {} failed", results.len() - failed.len(), failed.len());
-    if let Some(first) = failed.first() {
-        anyhow::bail!(
-            "{} of {} {suite} failed; first: {}: {}\n{}",
-            failed.len(),
-            results.len(),
-            first.name,
-            first.failures.join("; "),
-            tails.join("\n")
+    #[test]
+    fn ldd_output_lists_libraries_and_the_loader() {
+        let out = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+                   \tlibxtables.so.12 => /lib/x86_64-linux-gnu/libxtables.so.12 (0x00007f)\n\
+                   \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\
+                   \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
+        assert_eq!(
+            parse_ldd(out).unwrap(),
+            [
+                "/lib/x86_64-linux-gnu/libxtables.so.12",
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
         );
+        let err = parse_ldd("\tlibfoo.so.1 => not found\n").unwrap_err().to_string();
+        assert!(err.contains("libfoo.so.1 not found"), "{err}");
     }
-    Ok(())
+
+    #[test]
+    fn shell_vars_are_quoted() {
+        assert_eq!(
+            shell_vars(&[("A", "x y"), ("B", "it's")], true),
+            "export A='x y'\nexport B='it'\\''s'\n"
+        );
+        assert_eq!(shell_vars(&[("MARK", "@@m")], false), "MARK='@@m'\n");
+    }
 }

@@ -12,12 +12,10 @@ mod guest;
 mod package;
 mod run;
 mod setup;
+mod suites;
 mod test;
 mod vm;
-mod vm_check;
-mod vm_matrix;
-mod vm_reload_tests;
-mod vm_tests;
+mod vm_suite;
 
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};

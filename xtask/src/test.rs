@@ -1,10 +1,13 @@
 //! `cargo xtask test`: the project's test steps, in order, with a summary.
 //!
 //! A step is one entry in [`STEPS`]: its name, its kind (which `--*-only` flag selects it), the Debian packages
-//! it needs and the function that runs it. Every step runs even when an earlier one failed; the command fails
-//! when any step failed.
+//! it needs and what runs it (a function, or a VM suite for the runner). Every step runs even when an earlier one
+//! failed; the command fails when any step failed.
 
-use crate::{build, setup};
+use crate::{
+    build, setup, suites,
+    vm_suite::{self, Suite},
+};
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use std::path::Path;
@@ -42,7 +45,12 @@ struct Step {
     name: &'static str,
     kind: Kind,
     packages: &'static [&'static str],
-    run: fn(&Path) -> Result<()>,
+    run: Run,
+}
+
+enum Run {
+    Function(fn(&Path) -> Result<()>),
+    Suite(&'static Suite),
 }
 
 impl Step {
@@ -56,12 +64,37 @@ impl Step {
             name,
             kind,
             packages,
-            run,
+            run: Run::Function(run),
+        }
+    }
+
+    /// A VM suite: its tests run in guests by `vm_suite::run`.
+    const fn vm(suite: &'static Suite) -> Self {
+        Self {
+            name: suite.step,
+            kind: Kind::Vm,
+            packages: VM_PACKAGES,
+            run: Run::Suite(suite),
+        }
+    }
+
+    fn packages(&self) -> Vec<&'static str> {
+        let mut packages = self.packages.to_vec();
+        if let Run::Suite(suite) = self.run {
+            packages.extend(suite.packages());
+        }
+        packages
+    }
+
+    fn run(&self, ws: &Path) -> Result<()> {
+        match self.run {
+            Run::Function(run) => run(ws),
+            Run::Suite(suite) => vm_suite::run(ws, suite),
         }
     }
 }
 
-/// The steps, in order. Adding a step is one line here.
+/// The steps, in order. Adding a step is one line here (a VM suite is declared in suites.rs).
 const STEPS: &[Step] = &[
     Step::new("unit tests", Kind::Unit, &[], unit_tests),
     Step::new("host integration tests", Kind::Host, HOST_PACKAGES, host_tests),
@@ -77,20 +110,9 @@ const STEPS: &[Step] = &[
         crate::package::PACKAGES,
         crate::package::test_package,
     ),
-    Step::new("VM tests", Kind::Vm, VM_PACKAGES, crate::vm_tests::run_all),
-    Step::new(
-        "VM attribution matrix",
-        Kind::Vm,
-        VM_PACKAGES,
-        crate::vm_matrix::run_all,
-    ),
-    Step::new("VM ctrace check", Kind::Vm, VM_PACKAGES, crate::vm_check::run),
-    Step::new(
-        "VM module reload tests",
-        Kind::Vm,
-        VM_PACKAGES,
-        crate::vm_reload_tests::run_all,
-    ),
+    Step::vm(&suites::DROPS_AND_CHECK),
+    Step::vm(&suites::MATRIX),
+    Step::vm(&suites::RELOAD),
 ];
 
 pub fn test(ws: &Path, args: &TestArgs) -> Result<()> {
@@ -120,8 +142,8 @@ pub fn test(ws: &Path, args: &TestArgs) -> Result<()> {
 
     let setup_start = Instant::now();
     let mut packages: Vec<&str> = Vec::new();
-    for pkg in steps.iter().flat_map(|step| step.packages) {
-        if !packages.contains(pkg) {
+    for pkg in steps.iter().flat_map(|step| step.packages()) {
+        if !packages.contains(&pkg) {
             packages.push(pkg);
         }
     }
@@ -133,7 +155,7 @@ pub fn test(ws: &Path, args: &TestArgs) -> Result<()> {
     for step in &steps {
         eprintln!("xtask: ==== {} ====", step.name);
         let start = Instant::now();
-        let result = (step.run)(ws);
+        let result = step.run(ws);
         if let Err(err) = &result {
             eprintln!("xtask: {} failed: {err:#}", step.name);
         }

@@ -522,7 +522,7 @@ fn kernel_trouble(line: &str) -> bool {
 
 fn default_log_path(kernel_version: &str) -> PathBuf {
     let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    crate::debian::target_dir()
+    crate::build::target_dir(&crate::workspace_root())
         .join("vm-logs")
         .join(format!("{kernel_version}-{secs}-{}.log", std::process::id()))
 }

@@ -24,6 +24,8 @@ pub(crate) mod tests;
 use std::{collections::BTreeMap, process::ExitCode};
 
 use crate::cli::CheckArgs;
+/// The kernel-version parser and the `/proc/sys` path of a key, for the tests.
+pub use facts::{KernelVersion, proc_path};
 use fsroot::{FsRoot, ReadError};
 pub use report::Report;
 

@@ -1,7 +1,7 @@
 //! The attribution matrix: ctrace's per-reason totals against truth it did not compute (the DROP rules' own
 //! packet counters, the packets sent and arrived, the kernel's counters where they are exact), under noise,
 //! NOTRACK, raw-table rules, forwarding in softirq on several CPUs, same-tuple races and netns churn. The same
-//! binary runs on this host (tracepoint mode) and in 2-vCPU guests (kprobe mode, `cargo xtask vm-test`).
+//! binary runs on this host (tracepoint mode) and in 2-vCPU guests (kprobe mode, `cargo xtask test --step matrix`).
 //! The invariant in every case: no drop gets a confident wrong reason; where the evidence cannot separate two
 //! reasons the drop says so.
 
