@@ -11,10 +11,10 @@ use std::{fs, net::SocketAddrV4, path::PathBuf};
 use anyhow::Context as _;
 
 pub mod caps;
-pub mod flood;
 pub mod checks;
 pub mod child;
 pub mod events;
+pub mod flood;
 pub mod guest;
 pub mod packets;
 pub mod prometheus;

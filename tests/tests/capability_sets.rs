@@ -216,24 +216,7 @@ fn kernel_counters_of(summary: &Value, netns: u64) -> bool {
 fn runs_with_the_capabilities_it_has_and_says_what_it_lacks() {
     require_root();
     let named = TestNetns::new("caps").unwrap();
-    named
-        .exec(&[
-            "iptables",
-            "-w",
-            "-I",
-            "OUTPUT",
-            "-p",
-            "udp",
-            "--dport",
-            "7",
-            "-m",
-            "comment",
-            "--comment",
-            "truth",
-            "-j",
-            "DROP",
-        ])
-        .unwrap();
+    named.drop_udp_to(7, "truth").unwrap();
     let (thread_inode, go, refused_rx) = thread_netns();
     let mut failures = vec![];
     for case in CASES.iter().filter(|c| c.guests || !kernel_has_modules()) {
