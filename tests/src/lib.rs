@@ -16,9 +16,19 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 
+pub mod bench;
 pub mod packets;
 pub mod threads;
 pub mod topology;
+
+/// Flow indexes must keep the second address byte at most 255: 1 + (i >> 16) <= 255.
+pub const MAX_FLOWS: u32 = 255 << 16;
+
+/// The destination of flow `i`: 127.(1+i>>16).(i>>8&255).(i&255):port, one address per flow, all on loopback.
+pub fn flow_destination(i: u32, port: u16) -> SocketAddrV4 {
+    let [_, b, c, d] = i.to_be_bytes();
+    SocketAddrV4::new(Ipv4Addr::new(127, 1 + b, c, d), port)
+}
 
 /// The ctrace binary under test (`cargo xtask test` sets CTRACE_BIN).
 pub fn ctrace_bin() -> PathBuf {
@@ -116,7 +126,7 @@ impl TestNetns {
             let mut sent = Vec::with_capacity(count as usize);
             let mut failed = 0;
             for i in first..first + count {
-                let dst = SocketAddrV4::new(Ipv4Addr::new(127, 1 + (i >> 16) as u8, (i >> 8) as u8, i as u8), port);
+                let dst = flow_destination(i, port);
                 if sock.send_to(b"x", dst).is_err() {
                     failed += 1;
                 }

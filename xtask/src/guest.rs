@@ -19,6 +19,11 @@ pub(crate) const XTABLES_EXTENSIONS: &str = "/usr/lib/x86_64-linux-gnu/xtables";
 
 /// Builds `ctrace-testkit` static (glibc, `+crt-static`) next to the static ctrace and returns its path.
 pub(crate) fn build_testkit(ws: &Path) -> Result<PathBuf> {
+    build_static_test_bin(ws, TESTKIT)
+}
+
+/// Builds the ctrace-tests binary `bin` static (glibc, `+crt-static`) next to the static ctrace and returns its path.
+pub(crate) fn build_static_test_bin(ws: &Path, bin: &str) -> Result<PathBuf> {
     let target = crate::dist::DIST_TARGET;
     let target_dir = crate::build::target_dir(ws).join("dist-build");
     let mut cmd = crate::build::cargo(ws)?;
@@ -28,7 +33,7 @@ pub(crate) fn build_testkit(ws: &Path) -> Result<PathBuf> {
         "--package",
         "ctrace-tests",
         "--bin",
-        TESTKIT,
+        bin,
         "--target",
         target,
     ])
@@ -37,10 +42,10 @@ pub(crate) fn build_testkit(ws: &Path) -> Result<PathBuf> {
     .env("RUSTFLAGS", "-C target-feature=+crt-static")
     .env_remove("CARGO_ENCODED_RUSTFLAGS")
     .env_remove("CARGO_BUILD_TARGET");
-    crate::setup::run(&mut cmd).with_context(|| format!("building the static {TESTKIT} failed"))?;
-    let bin = target_dir.join(target).join("release").join(TESTKIT);
-    crate::dist::ensure_static(&bin)?;
-    Ok(bin)
+    crate::setup::run(&mut cmd).with_context(|| format!("building the static {bin} failed"))?;
+    let path = target_dir.join(target).join("release").join(bin);
+    crate::dist::ensure_static(&path)?;
+    Ok(path)
 }
 
 /// The host's legacy iptables for the guest, at the same paths: the multi-call binary, every extension, and every

@@ -65,6 +65,12 @@ impl Step {
 const STEPS: &[Step] = &[
     Step::new("unit tests", Kind::Unit, &[], unit_tests),
     Step::new("host integration tests", Kind::Host, HOST_PACKAGES, host_tests),
+    Step::new(
+        "bench smoke run",
+        Kind::Host,
+        crate::bench::BENCH_PACKAGES,
+        crate::bench::smoke,
+    ),
     Step::new("VM tests", Kind::Vm, VM_PACKAGES, crate::vm_tests::run_all),
     Step::new(
         "VM attribution matrix",

@@ -26,7 +26,7 @@ use std::process::ExitCode;
 use anyhow::{Context as _, Result, ensure};
 use clap::{Parser, Subcommand};
 use ctrace_tests::{
-    Counters,
+    Counters, MAX_FLOWS, flow_destination,
     packets::{RawTcp, TCP_FIN, TCP_SYN},
 };
 
@@ -78,9 +78,6 @@ enum Command {
     WriteSysctl { key: String, value: String },
 }
 
-/// Flow indexes must keep the second address byte at most 255: 1 + (i >> 16) <= 255.
-const MAX_FLOWS: u32 = 255 << 16;
-
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::UdpFlows { first, count, port } => udp_flows(first, count, port),
@@ -101,12 +98,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// The destination of flow `i`: 127.(1+i>>16).(i>>8&255).(i&255).
-fn flow_destination(i: u32, port: u16) -> SocketAddrV4 {
-    let [_, b, c, d] = i.to_be_bytes();
-    SocketAddrV4::new(Ipv4Addr::new(127, 1 + b, c, d), port)
 }
 
 /// Counts the results of a bounded run of sends and remembers the first error.
