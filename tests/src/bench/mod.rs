@@ -64,6 +64,9 @@ pub struct Sample {
     pub seconds: f64,
     /// Datagrams per second of the timed burst.
     pub rate: f64,
+    /// The senders' CPU time, and datagrams per second of it.
+    pub cpu_seconds: f64,
+    pub cpu_rate: f64,
     pub truth: Truth,
     pub tracer: Option<TracerSample>,
 }
@@ -259,6 +262,8 @@ fn measure(
         failed: sent.failed,
         seconds: sent.seconds,
         rate: sent.rate(),
+        cpu_seconds: sent.cpu_seconds,
+        cpu_rate: sent.cpu_rate(),
         truth,
         tracer: tracer.transpose()?,
     })

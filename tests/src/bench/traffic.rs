@@ -43,6 +43,10 @@ pub struct Sent {
     pub failed: u64,
     /// From the barrier to the end of the last thread.
     pub seconds: f64,
+    /// CPU time the sender threads used (CLOCK_THREAD_CPUTIME_ID, summed): everything done in their context,
+    /// the whole netfilter path and the tracer's program included, and nothing of other processes on a shared
+    /// machine.
+    pub cpu_seconds: f64,
 }
 
 impl Sent {
@@ -58,6 +62,23 @@ impl Sent {
             0.0
         }
     }
+
+    /// Datagrams per second of sender CPU time: the rate a sender with a CPU to itself would reach.
+    pub fn cpu_rate(&self) -> f64 {
+        if self.cpu_seconds > 0.0 {
+            self.packets() as f64 / self.cpu_seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+/// This thread's CPU time in seconds.
+fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
 const MAX_NF_CONNTRACK_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
@@ -83,6 +104,7 @@ pub fn send(burst: &Burst) -> anyhow::Result<Sent> {
         let same = flow_destination(base, port);
         barrier.wait();
         let start = Instant::now();
+        let cpu_start = thread_cpu_seconds();
         let (mut sent, mut failed) = (0u64, 0u64);
         for k in 0..per_thread {
             let dst = match flows {
@@ -97,7 +119,7 @@ pub fn send(burst: &Burst) -> anyhow::Result<Sent> {
                 break;
             }
         }
-        Ok((start, Instant::now(), sent, failed))
+        Ok((start, Instant::now(), sent, failed, thread_cpu_seconds() - cpu_start))
     })?;
     let start = results.iter().map(|r| r.0).min().context("no sender ran")?;
     let end = results.iter().map(|r| r.1).max().context("no sender ran")?;
@@ -105,6 +127,7 @@ pub fn send(burst: &Burst) -> anyhow::Result<Sent> {
         sent: results.iter().map(|r| r.2).sum(),
         failed: results.iter().map(|r| r.3).sum(),
         seconds: end.duration_since(start).as_secs_f64(),
+        cpu_seconds: results.iter().map(|r| r.4).sum(),
     })
 }
 

@@ -289,11 +289,19 @@ impl CtraceTotals {
             ("invalid", self.invalid, 0, "no invalid packet was sent"),
             ("uncertain", self.uncertain, 0, "every drop here has a certain reason"),
         ];
-        let wrong: Vec<String> = pairs
+        let mut wrong: Vec<String> = pairs
             .iter()
             .filter(|(_, got, want, _)| got != want)
             .map(|(name, got, want, what)| format!("{name} {got} != {want} ({what})"))
             .collect();
+        // Every counted drop is in a record or an aggregate line, or counted as lost (host-wide).
+        let counted = self.table_full + self.insert_failed + self.invalid + self.netfilter_rule;
+        if self.reported > counted || counted - self.reported > self.lost {
+            wrong.push(format!(
+                "records and aggregate lines carry {} drops, the totals {counted}, {} lost",
+                self.reported, self.lost
+            ));
+        }
         (!wrong.is_empty()).then(|| wrong.join(", "))
     }
 }

@@ -154,11 +154,12 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     emit(&json!({ "machine": machine }));
     bench::run(&config, reference.as_ref(), |sample| {
         eprintln!(
-            "ctrace-bench: {} {:?} round {}: {:.0} packets/s{}",
+            "ctrace-bench: {} {:?} round {}: {:.0} packets/s, {:.0} per sender CPU second{}",
             sample.workload.name(),
             sample.condition,
             sample.round,
             sample.rate,
+            sample.cpu_rate,
             sample
                 .tracer
                 .as_ref()

@@ -47,6 +47,9 @@ pub struct BenchArgs {
     /// Record the tracers' BPF program run times (kernel.bpf_stats_enabled, on for the run and restored after).
     #[arg(long)]
     bpf_stats: bool,
+    /// Measure this ctrace binary on the host instead of building one (e.g. a release to compare with).
+    #[arg(long, value_name = "PATH")]
+    ctrace: Option<PathBuf>,
     /// Hold this flock(2) lock while the host part runs (on a machine shared with other kernel tests).
     #[arg(long, value_name = "PATH")]
     lock: Option<PathBuf>,
@@ -84,7 +87,14 @@ fn host(ws: &Path, args: &BenchArgs) -> Result<Run> {
         "the benchmark needs root (network namespaces, iptables, eBPF): run `cargo xtask bench` as root"
     );
     setup::ensure_debian_packages(BENCH_PACKAGES)?;
-    let (ctrace, runner) = build_host(ws)?;
+    // The smoke run checks the harness and the totals, not speed: the debug build the host tests use is enough.
+    let (built, runner) = build_host(ws, !args.smoke)?;
+    let ctrace = match &args.ctrace {
+        Some(path) => path
+            .canonicalize()
+            .with_context(|| format!("{} does not exist", path.display()))?,
+        None => built,
+    };
     let bpftrace = which::which("bpftrace").context("bpftrace is not on PATH although its package is installed")?;
     let mut runner_args = vec![
         "--scale".to_string(),
@@ -124,25 +134,24 @@ pub fn smoke(ws: &Path) -> Result<()> {
             no_vm: true,
             vm_only: false,
             bpf_stats: false,
+            ctrace: None,
             lock: None,
         },
     )
 }
 
-/// Builds the release ctrace and the release `ctrace-bench`; returns their paths.
-fn build_host(ws: &Path) -> Result<(PathBuf, PathBuf)> {
-    let ctrace = build::build(ws, true)?;
+/// Builds ctrace and `ctrace-bench`; returns their paths.
+fn build_host(ws: &Path, release: bool) -> Result<(PathBuf, PathBuf)> {
+    let ctrace = build::build(ws, release)?;
     let mut cmd = build::cargo(ws)?;
-    cmd.args([
-        "build",
-        "--release",
-        "--package",
-        "ctrace-tests",
-        "--bin",
-        "ctrace-bench",
-    ]);
+    cmd.args(["build", "--package", "ctrace-tests", "--bin", "ctrace-bench"]);
+    if release {
+        cmd.arg("--release");
+    }
     setup::run(&mut cmd).context("building ctrace-bench failed")?;
-    let runner = build::target_dir(ws).join("release").join("ctrace-bench");
+    let runner = build::target_dir(ws)
+        .join(if release { "release" } else { "debug" })
+        .join("ctrace-bench");
     ensure!(
         runner.is_file(),
         "cargo built ctrace-bench but {} does not exist",

@@ -82,7 +82,7 @@ struct Row {
 fn row(run: &Run, workload: &str) -> Row {
     let mut r = Row::default();
     for c in [OFF, BPFTRACE, CTRACE] {
-        let rates: Vec<f64> = run.of(workload, c).iter().map(|s| s.rate).collect();
+        let rates: Vec<f64> = run.of(workload, c).iter().map(|s| s.speed()).collect();
         if let Some(m) = median(rates.clone()) {
             r.rate.insert(c, (m, spread(&rates)));
         }
@@ -98,13 +98,13 @@ fn row(run: &Run, workload: &str) -> Row {
     }
     for c in [OFF, BPFTRACE] {
         let p = pairs(run, workload, CTRACE, c);
-        if let Some(m) = median(p.iter().map(|(x, y)| x.rate / y.rate).collect()) {
+        if let Some(m) = median(p.iter().map(|(x, y)| x.speed() / y.speed()).collect()) {
             r.ctrace_vs.insert(c, m);
         }
     }
     for c in [BPFTRACE, CTRACE] {
         let p = pairs(run, workload, c, OFF);
-        if let Some(m) = median(p.iter().map(|(x, y)| 1e9 / x.rate - 1e9 / y.rate).collect()) {
+        if let Some(m) = median(p.iter().map(|(x, y)| 1e9 / x.speed() - 1e9 / y.speed()).collect()) {
             r.ns_added.insert(c, m);
         }
     }
@@ -184,7 +184,10 @@ fn place(run: &Run) -> String {
 pub fn markdown(runs: &[Run], date: &str) -> String {
     let mut md = format!(
         "Measured {date}. The conditions of each round ran back to back in alternating order (off, on, on, off, \
-         ...); medians over rounds, ±half their range; ratios and ns per packet are medians of per-round pairs.\n"
+         ...); medians over rounds, ±half their range; ratios and ns per packet are medians of per-round pairs. \
+         Rates are packets per second of the senders' own CPU time (CLOCK_THREAD_CPUTIME_ID: the whole send path, \
+         the tracer's program included, and nothing of other load on a shared machine); wall-clock rates are in \
+         report.json.\n"
     );
     for run in runs.iter().filter(|r| !r.indicative) {
         let m = &run.machine;
@@ -477,7 +480,7 @@ mod tests {
             for (c, rate) in [(OFF, off), (CTRACE, on)] {
                 run.feed(
                     &json!({"sample": {"workload": "rule_drop", "condition": c, "round": round, "threads": 1,
-                        "packets": 1000, "rate": rate, "truth": {"rule_drops": 1000, "drop": 0, "early_drop": 0, "insert_failed": 0},
+                        "packets": 1000, "rate": rate / 3.0, "cpu_rate": rate, "truth": {"rule_drops": 1000, "drop": 0, "early_drop": 0, "insert_failed": 0},
                         "tracer": null}})
                     .to_string(),
                 )
@@ -485,7 +488,7 @@ mod tests {
             }
         }
         let r = row(&run, "rule_drop");
-        // Per round: 0.5, 0.5, 0.4 -> 0.5 (the medians of the rates would give 100/150).
+        // Per round (of the CPU-time rates): 0.5, 0.5, 0.4 -> 0.5 (the medians of the rates would give 100/150).
         assert_eq!(r.ctrace_vs[OFF], 0.5);
         // 1e9/50 - 1e9/100 = 1e7, 1e9/100 - 1e9/200 = 5e6, 1e9/60 - 1e9/150 = 1e7
         assert_eq!(r.ns_added[CTRACE].round(), 1e7);

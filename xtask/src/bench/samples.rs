@@ -27,7 +27,11 @@ pub struct Sample {
     pub round: u32,
     pub threads: usize,
     pub packets: u64,
+    /// Wall-clock datagrams per second.
     pub rate: f64,
+    /// Datagrams per second of the senders' CPU time.
+    #[serde(default)]
+    pub cpu_rate: f64,
     pub truth: Truth,
     pub tracer: Option<Tracer>,
 }
@@ -37,6 +41,14 @@ pub struct Truth {
     pub rule_drops: u64,
     pub drop: u64,
     pub insert_failed: u64,
+}
+
+impl Sample {
+    /// The rate the report compares: per second of sender CPU time (other load on the machine does not move it),
+    /// wall-clock where it was not measured.
+    pub fn speed(&self) -> f64 {
+        if self.cpu_rate > 0.0 { self.cpu_rate } else { self.rate }
+    }
 }
 
 impl Truth {
