@@ -168,14 +168,38 @@ impl Session {
         }
     }
 
-    fn drain(&mut self, rb: &mut RingBuf<MapData>) {
-        // The limit can change under us (that is the bug class ctrace exists for): read it at
-        // most every 100 ms while drops are being printed.
-        if self.max_read.elapsed() > Duration::from_millis(100) {
-            self.max = netns::conntrack_max();
-            self.max_read = Instant::now();
+    /// Drops the kernel counted in aggregates (above the rate limit): into the tallies and this second's
+    /// aggregate lines, like folded records.
+    fn handle_counted(&mut self, d: &event::Drop, count: u64) {
+        self.registry.learn(d.netns);
+        self.tally.add(d, count);
+        if d.uncertain() {
+            self.hook.uncertain_drop(d.netns);
         }
+        self.limiter.fold(d, count);
+    }
+
+    fn collect_counted(&mut self, tracer: &mut Tracer) {
+        match tracer.collect_aggregates() {
+            Ok(counted) => {
+                for (d, count) in counted {
+                    self.handle_counted(&d, count);
+                }
+            }
+            Err(e) => self
+                .out
+                .notice(&format!("cannot read the kernel's aggregates: {}", crate::brief(&e))),
+        }
+    }
+
+    fn drain(&mut self, rb: &mut RingBuf<MapData>) {
         while let Some(item) = rb.next() {
+            // The limit can change under us (that is the bug class ctrace exists for): read it at
+            // most every 100 ms while drops are being printed.
+            if self.max_read.elapsed() > Duration::from_millis(100) {
+                self.max = netns::conntrack_max();
+                self.max_read = Instant::now();
+            }
             let bytes = item.to_vec();
             drop(item);
             self.handle_record(&bytes);
@@ -486,6 +510,7 @@ pub async fn run(args: RunArgs, out: Output, hooks: Hooks) -> anyhow::Result<Sum
         port: args.port.unwrap_or(0),
         host: args.host,
         reasons: args.reason.clone(),
+        rate_limit: args.rate_limit,
     };
     let mut tracer = Tracer::start(&choice.plan, &filters, &baselines)?;
     s.clock = Clock::now();
@@ -529,6 +554,9 @@ carry no flow)",
     let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Records are submitted without a wakeup each (a lone drop still wakes us): read what waits every 50 ms.
+    let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pruner = crate::baselines::Pruner::default();
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
@@ -585,6 +613,7 @@ carry no flow)",
                 }
             }
             _ = sysctl_settle => s.refresh_sysctls(),
+            _ = drain_tick.tick() => s.drain(events.get_mut()),
             _ = tick.tick() => {
                 if crate::output::stdout_closed() {
                     // Nobody reads the output any more (`| head`): detach and end as a finished run.
@@ -596,6 +625,7 @@ carry no flow)",
                 s.poll_counters();
                 s.drain(events.get_mut());
                 s.report_counted_evictions(OffsetDateTime::now_utc());
+                s.collect_counted(&mut tracer);
                 s.flush_aggregates();
                 s.steer_eviction_watch(&mut tracer);
                 if ticks.is_multiple_of(5) {
@@ -612,6 +642,7 @@ carry no flow)",
     }
 
     // Detach first (nothing new arrives), then read everything that is left.
+    tracer.stop_programs();
     let totals = tracer.reason_totals()?;
     let per_netns = tracer.netns_totals()?;
     let lost = tracer.lost_events()?;
@@ -622,6 +653,7 @@ carry no flow)",
     let mut events = events.into_inner();
     let mut module_events = module_events.map(AsyncFd::into_inner);
     let mut sysctl_events = sysctl_events.map(AsyncFd::into_inner);
+    s.collect_counted(&mut tracer);
     drop(tracer);
     for r in module_events.as_mut().map(records).unwrap_or_default() {
         s.handle_module_record(&r);
