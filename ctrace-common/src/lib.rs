@@ -180,8 +180,8 @@ pub mod baseline_state {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Baseline {
     pub stat: CtStat,
-    /// The netns's cookie (or its `struct net` address where there is no cookie): inode numbers are
-    /// reused by the kernel, the cookie is not.
+    /// The address of the netns's per-CPU conntrack counters mixed with its cookie: inode numbers are reused
+    /// by the kernel, and so are cookies (6.18) and memory, but hardly both at once.
     pub generation: u64,
     pub state: u32,
     pub _pad: u32,
@@ -283,6 +283,18 @@ pub struct AggKey {
     pub daddr: [u8; 16],
 }
 
+/// This CPU's run of drops with one aggregation key (`AGG_CACHE_<parity>`): a flood to one destination counts
+/// here, in an array, and reaches the hash map only when the key changes. Userspace adds the runs of an epoch
+/// when it collects it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AggRun {
+    pub key: AggKey,
+    /// The run's epoch + 1 (0: none).
+    pub epoch_tag: u32,
+    pub count: u64,
+}
+
 /// Per-CPU state of the stream limit and of ring buffer wakeups (`STREAM`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -295,6 +307,9 @@ pub struct StreamState {
     /// `AGG_EPOCH` + 1 of the epoch in which this CPU found the destination aggregates full (it then counts
     /// straight into the coarse ones until the next epoch).
     pub fine_full_epoch: u64,
+    /// The jiffy of the last clock read, and that read: the limit's clock, read once per jiffy, not per drop.
+    pub jiffy: u64,
+    pub jiffy_ns: u64,
 }
 
 /// `ModuleEvent::kind`.
@@ -397,6 +412,7 @@ mod pod {
     unsafe impl aya::Pod for super::PendingVerdict {}
     unsafe impl aya::Pod for super::ModuleLayout {}
     unsafe impl aya::Pod for super::AggKey {}
+    unsafe impl aya::Pod for super::AggRun {}
 }
 
 #[cfg(test)]
@@ -417,6 +433,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<DropEvent>(), 80);
         assert_eq!(core::mem::size_of::<DropDetail>(), 144);
         assert_eq!(core::mem::size_of::<AggKey>(), 28);
+        assert_eq!(core::mem::size_of::<AggRun>(), 40);
         assert_eq!(core::mem::size_of::<KernelLayout>(), 136);
         assert_eq!(core::mem::size_of::<Baseline>(), 40);
         assert_eq!(core::mem::size_of::<PendingVerdict>(), 88);

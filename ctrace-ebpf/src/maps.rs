@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use ctrace_common::{
-    AggKey, Baseline, DropDetail, MAX_HOOKED_NETNS, NetnsReasonKey, Reason, StreamState, UNCERTAIN_BIT, losses,
+    AggKey, AggRun, Baseline, DropDetail, MAX_HOOKED_NETNS, NetnsReasonKey, Reason, StreamState, UNCERTAIN_BIT, losses,
     totals_index,
 };
 
@@ -37,6 +37,12 @@ pub static AGG_1: PerCpuHashMap<AggKey, u64> = PerCpuHashMap::with_max_entries(A
 pub static AGG_COARSE_0: PerCpuHashMap<AggKey, u64> = PerCpuHashMap::with_max_entries(AGG_COARSE_ENTRIES, 0);
 #[map]
 pub static AGG_COARSE_1: PerCpuHashMap<AggKey, u64> = PerCpuHashMap::with_max_entries(AGG_COARSE_ENTRIES, 0);
+
+/// This CPU's current run of drops with one key, per epoch parity (see `AggRun`).
+#[map]
+pub static AGG_RUN_0: PerCpuArray<AggRun> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+pub static AGG_RUN_1: PerCpuArray<AggRun> = PerCpuArray::with_max_entries(1, 0);
 
 /// Destinations aggregated per second (beyond them, the aggregate lines fold destinations anyway).
 const AGG_ENTRIES: u32 = 8192;
@@ -107,6 +113,14 @@ pub fn bump(map: &PerCpuArray<u64>, index: u32) {
 #[inline(always)]
 pub fn bump_loss(index: u32) {
     bump(&LOSSES, index);
+}
+
+#[inline(always)]
+pub fn add_loss(index: u32, n: u64) {
+    if let Some(p) = LOSSES.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU writes it.
+        unsafe { *p += n };
+    }
 }
 
 #[inline(always)]

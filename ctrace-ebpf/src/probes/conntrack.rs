@@ -234,8 +234,7 @@ unsafe fn report_eviction(ct: u64) {
         stream::clear(&mut rec.event);
         rec.detail[0] = 0;
         let ev = &mut rec.event;
-        let now = now_ns();
-        ev.ts_ns = now;
+        ev.ts_ns = now_ns();
         ev.flags = flags::EVICTED | flags::FROM_KPROBE;
         ev.cpu = bpf_get_smp_processor_id() as u16;
         ev.reason = Reason::EarlyDrop as u8;
@@ -269,7 +268,7 @@ unsafe fn report_eviction(ct: u64) {
         if !filter::wants_flow(ev) {
             return;
         }
-        if let Some(rb_flags) = stream::route(now) {
+        if let Some(rb_flags) = stream::route() {
             stream::submit(rec, rb_flags);
         }
     }

@@ -104,9 +104,7 @@ unsafe fn try_kfree_skb(ctx: &BtfTracePointContext) {
         // The kernel's words about the drop (kprobe mode); tracepoint mode never has any.
         rec.detail[0] = 0;
         let ev = &mut rec.event;
-        let cpu = bpf_get_smp_processor_id();
         ev.netns = netns;
-        ev.cpu = cpu as u16;
         let nfct: u64 = *(skb.add(layout!(skb_nfct) as usize) as *const u64);
         let mut evidence = Evidence {
             has_ct: nfct & !7 != 0,
@@ -128,7 +126,13 @@ unsafe fn try_kfree_skb(ctx: &BtfTracePointContext) {
             ev.flags |= counter_delta(net, netns, &mut evidence);
         }
         if globals::kprobe_mode() {
-            evidence.probe = kprobe_verdict(skb as u64, evidence.has_ct, bpf_ktime_get_ns(), cpu, &mut rec.detail);
+            evidence.probe = kprobe_verdict(
+                skb as u64,
+                evidence.has_ct,
+                bpf_ktime_get_ns(),
+                bpf_get_smp_processor_id(),
+                &mut rec.detail,
+            );
         }
         let ev = &mut rec.event;
         let verdict = opaque_verdict(classify(&evidence));
@@ -154,11 +158,11 @@ unsafe fn try_kfree_skb(ctx: &BtfTracePointContext) {
         ev.attribution = verdict.attribution as u8;
         ev.possible = verdict.possible;
         maps::bump_totals(netns, verdict.reason, verdict.attribution == Attribution::Uncertain);
-        let now = bpf_ktime_get_ns();
-        match stream::route(now) {
+        match stream::route() {
             Some(rb_flags) => {
-                // Only a record needs the time and the sender.
-                ev.ts_ns = now;
+                // Only a record needs the time, the CPU and the sender.
+                ev.ts_ns = bpf_ktime_get_ns();
+                ev.cpu = bpf_get_smp_processor_id() as u16;
                 if ev.flags & flags::LOCAL_SENDER != 0 {
                     ev.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
                     stream::current_comm(&mut ev.comm);
@@ -339,9 +343,10 @@ unsafe fn counter_delta(net: *const u8, netns: u32, evidence: &mut Evidence) -> 
             0 => 0,
             off => field_u64(net, off),
         };
-        // Neither is unique alone (6.18 reuses namespace ids, and `struct net` memory is reused), together
-        // they practically are.
-        let generation = percpu::address_of(net) ^ cookie.rotate_left(32);
+        // With the address of the netns's own conntrack counters (allocated with it, already read as a number):
+        // neither is unique alone (6.18 reuses namespace ids, and memory is reused), together they practically
+        // are.
+        let generation = pcpu ^ cookie.rotate_left(32);
 
         let slot = maps::BASELINE.get_ptr_mut(netns);
         let found = match slot {

@@ -1,7 +1,8 @@
 //! The drops the kernel counted in aggregates instead of streaming them (above `--rate-limit` per CPU and second;
 //! `ctrace-ebpf/src/stream.rs`): `AGG_<parity>` per destination, `AGG_COARSE_<parity>` without it where the first
-//! was full. The programs count into the maps of the current epoch's parity; once a second userspace moves them
-//! to the next epoch and takes the previous epoch's maps out whole.
+//! was full, and each CPU's current run of one key in `AGG_RUN_<parity>`. The programs count into the maps of the
+//! current epoch's parity; once a second userspace moves them to the next epoch and takes the previous epoch's
+//! counts out whole.
 
 use std::{
     io,
@@ -12,9 +13,9 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf,
-    maps::{Array, Map, MapData, PerCpuHashMap},
+    maps::{Array, Map, MapData, PerCpuArray, PerCpuHashMap},
 };
-use ctrace_common::AggKey;
+use ctrace_common::{AggKey, AggRun};
 
 use crate::event::{self, Drop};
 
@@ -30,7 +31,8 @@ pub struct Epoch(u32);
 /// `all`, after the programs were detached: of both). Returns each aggregate as the drop its packets share
 /// (destination only, no source) and how many there were.
 pub fn collect(ebpf: &mut Ebpf, epoch: &mut Epoch, all: bool) -> anyhow::Result<Vec<(Drop, u64)>> {
-    let done = epoch.0 & 1;
+    // The epoch whose counts are taken now (with `all`: the current one; the one before was taken already).
+    let done = epoch.0;
     if !all {
         epoch.0 = epoch.0.wrapping_add(1);
         let mut current: Array<_, u32> = Array::try_from(ebpf.map_mut("AGG_EPOCH").context("AGG_EPOCH map missing")?)?;
@@ -39,16 +41,29 @@ pub fn collect(ebpf: &mut Ebpf, epoch: &mut Epoch, all: bool) -> anyhow::Result<
     }
     let ncpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
     let mut out = Vec::new();
-    for parity in [done, done ^ 1].into_iter().take(if all { 2 } else { 1 }) {
+    let mut add = |key: &AggKey, count: u64, coarse: bool| {
+        if count > 0
+            && let Some(d) = event::decode_aggregate(key, coarse)
+        {
+            out.push((d, count));
+        }
+    };
+    let parities = if all { vec![0, 1] } else { vec![done & 1] };
+    for parity in parities {
         for (prefix, coarse) in [("AGG_", false), ("AGG_COARSE_", true)] {
             let name = format!("{prefix}{parity}");
             let map = ebpf.map_mut(&name).with_context(|| format!("{name} map missing"))?;
             for (key, count) in take_all(map, ncpus).with_context(|| format!("cannot read {name}"))? {
-                if count > 0
-                    && let Some(d) = event::decode_aggregate(&key, coarse)
-                {
-                    out.push((d, count));
-                }
+                add(&key, count, coarse);
+            }
+        }
+        // Each CPU's run of one key that had not reached the maps yet. Runs of earlier epochs were taken then.
+        let name = format!("AGG_RUN_{parity}");
+        let runs: PerCpuArray<_, AggRun> =
+            PerCpuArray::try_from(ebpf.map(&name).with_context(|| format!("{name} map missing"))?)?;
+        for run in runs.get(&0, 0)?.iter() {
+            if run.epoch_tag == done.wrapping_add(1) {
+                add(&run.key, run.count, false);
             }
         }
     }

@@ -167,10 +167,12 @@ impl Running {
                 break status;
             }
             if signalled.elapsed() > STOP_TIMEOUT {
+                let stuck = where_stuck(self.pid());
                 let _ = self.child.kill();
                 bail!(
-                    "the tracer did not exit within {STOP_TIMEOUT:?} of {}",
-                    self.stop_signal
+                    "the tracer did not exit within {STOP_TIMEOUT:?} of {} ({stuck}){}",
+                    self.stop_signal,
+                    self.stderr_tail()
                 );
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -215,6 +217,31 @@ impl Drop for Running {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Each thread's state and kernel wait channel (`tid:state:wchan`), for a tracer that does not exit.
+fn where_stuck(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "gone".into();
+    };
+    let mut out = Vec::new();
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let stat = read("stat");
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or("?")
+            .to_string();
+        out.push(format!(
+            "{}:{state}:{}",
+            task.file_name().to_string_lossy(),
+            read("wchan").trim()
+        ));
+    }
+    out.join(" ")
 }
 
 /// User + system CPU seconds of process `pid` (all its threads), from /proc/<pid>/stat.

@@ -183,8 +183,8 @@ fn place(run: &Run) -> String {
 /// The markdown report.
 pub fn markdown(runs: &[Run], date: &str) -> String {
     let mut md = format!(
-        "Measured {date}. The conditions of each round ran back to back in alternating order (off, on, on, off, \
-         ...); medians over rounds, ±half their range; ratios and ns per packet are medians of per-round pairs. \
+        "Measured {date}. The conditions of each round ran back to back, in an order that changes from round to round \
+         (each condition as often first, second and last); medians over rounds, ±half their range; ratios and ns per packet are medians of per-round pairs. \
          Rates are packets per second of the senders' own CPU time (CLOCK_THREAD_CPUTIME_ID: the whole send path, \
          the tracer's program included, and nothing of other load on a shared machine); wall-clock rates are in \
          report.json.\n"
