@@ -32,7 +32,7 @@ struct Cli {
     bpftrace: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "full")]
     scale: Scale,
-    /// Rounds per workload (default: 1 smoke, 6 full, 4 guest).
+    /// Rounds per workload (default: 1 smoke, 8 full, 4 guest).
     #[arg(long)]
     rounds: Option<u32>,
     /// Workloads to run (repeatable; default: all, smoke: all but new_flows_full_table).
@@ -84,12 +84,12 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
             vec![Workload::NewFlows, Workload::RuleDrop, Workload::TableFull],
         ),
         Scale::Full => (
-            6,
+            8,
             Counts {
                 new_flows: 200_000,
                 evictions: 100_000,
-                rule_drops: 400_000,
-                table_full_drops: 400_000,
+                rule_drops: 1_000_000,
+                table_full_drops: 1_000_000,
                 table_full_max: 256,
             },
             Workload::ALL.to_vec(),

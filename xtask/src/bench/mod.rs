@@ -10,9 +10,11 @@
 //! with other kernel tests, let it hold their lock for the host part only (`--lock /tmp/ctrace-kernel.lock`; the
 //! guest part needs none).
 
+mod budgets;
 mod guest;
 mod report;
 mod samples;
+mod stats;
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -35,7 +37,7 @@ pub struct BenchArgs {
     /// step.
     #[arg(long)]
     smoke: bool,
-    /// Rounds per workload on the host (default 6).
+    /// Rounds per workload on the host (default 8).
     #[arg(long, conflicts_with = "smoke")]
     rounds: Option<u32>,
     /// Skip the kprobe-mode run in a Debian guest.

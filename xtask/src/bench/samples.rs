@@ -74,7 +74,6 @@ pub struct Tracer {
 #[derive(Clone, Copy, Debug, Default, Deserialize)]
 pub struct BpfStats {
     pub run_time_ns: u64,
-    pub run_cnt: u64,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
