@@ -61,23 +61,23 @@ pub const MAX_BASELINE_NETNS: u32 = 16384;
 pub mod flags {
     /// The packet came from a local socket in process context (no input device yet):
     /// `pid`/`comm` name the sender.
-    pub const LOCAL_SENDER: u32 = 1 << 0;
+    pub const LOCAL_SENDER: u16 = 1 << 0;
     /// The skb carried a conntrack entry (`skb->_nfct != 0`) when it was freed.
-    pub const HAS_CT: u32 = 1 << 1;
+    pub const HAS_CT: u16 = 1 << 1;
     /// The network and transport headers could be read and decoded.
-    pub const HEADERS_OK: u32 = 1 << 2;
+    pub const HEADERS_OK: u16 = 1 << 2;
     /// No per-CPU baseline existed for this netns yet: attribution assumed the counters started at 0.
-    pub const NEW_BASELINE: u32 = 1 << 3;
+    pub const NEW_BASELINE: u16 = 1 << 3;
     /// Attributed by a kprobe on the conntrack path (exact), not by counter deltas.
-    pub const FROM_KPROBE: u32 = 1 << 4;
+    pub const FROM_KPROBE: u16 = 1 << 4;
     /// Not a packet: a conntrack entry that early_drop evicted (the flow is the entry's original
     /// direction). Counted by the kernel's `early_drop` counter, not by `REASON_TOTALS`.
-    pub const EVICTED: u32 = 1 << 5;
+    pub const EVICTED: u16 = 1 << 5;
     /// A kprobe verdict for this skb that the counters contradicted (the counters' answer was used).
-    pub const DISAGREEMENT: u32 = 1 << 6;
+    pub const DISAGREEMENT: u16 = 1 << 6;
     /// The netns's baseline on this CPU belonged to another netns with the same inode number, or the
     /// counters went backwards (a reload): attribution restarted from zero.
-    pub const BASELINE_RESET: u32 = 1 << 7;
+    pub const BASELINE_RESET: u16 = 1 << 7;
 }
 
 /// Indexes of the `LOSSES` map: what could not be recorded or decided, each counted.
@@ -93,7 +93,10 @@ pub mod losses {
     pub const DISAGREEMENTS: u32 = 3;
     /// A baseline found stale (inode number reused by a new netns, or counters reset by a reload).
     pub const BASELINE_RESETS: u32 = 4;
-    pub const COUNT: u32 = 5;
+    /// Above the stream limit, the aggregation maps were full: the drop is in the totals but in no record and
+    /// no aggregate.
+    pub const AGGREGATES: u32 = 5;
+    pub const COUNT: u32 = 6;
 }
 
 /// `REASON_TOTALS` index of a reason decided exactly or with uncertainty.
@@ -182,8 +185,8 @@ pub mod baseline_state {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Baseline {
     pub stat: CtStat,
-    /// The netns's cookie (or its `struct net` address where there is no cookie): inode numbers are
-    /// reused by the kernel, the cookie is not.
+    /// The address of the netns's per-CPU conntrack counters mixed with its cookie: inode numbers are reused
+    /// by the kernel, and so are cookies (6.18) and memory, but hardly both at once.
     pub generation: u64,
     pub state: u32,
     pub _pad: u32,
@@ -227,40 +230,91 @@ pub struct CpuMark {
     pub skb: u64,
 }
 
-/// One dropped packet, as sent through the ring buffer.
+/// One dropped packet (or, with `EVICTED`, one evicted entry), as sent through the ring buffer: 80 bytes, so that
+/// it is built with a few stores (no memset call) and a flood moves little memory.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct DropEvent {
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
     pub ts_ns: u64,
-    /// Where the skb was freed (kernel text address).
-    pub location: u64,
     pub netns: u32,
-    pub cpu: u32,
     pub pid: u32,
-    pub flags: u32,
-    /// Counter increases on this CPU since the previous drop seen in this netns.
-    pub delta: CtStat,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
     pub comm: [u8; TASK_COMM_LEN],
-    pub reason: u8,
-    /// 4 or 6, 0 when the headers could not be read.
-    pub ip_version: u8,
-    /// IP protocol number (6 tcp, 17 udp, 1 icmp, 58 icmpv6, ...).
-    pub l4proto: u8,
-    /// ctinfo bits of skb->_nfct (IP_CT_NEW etc.) when HAS_CT.
-    pub ctinfo: u8,
     /// Ports in host byte order; for ICMP, `sport` is the id and `dport` is type << 8 | code.
     pub sport: u16,
     pub dport: u16,
-    pub saddr: [u8; 16],
-    pub daddr: [u8; 16],
-    /// NUL-terminated kernel text about the drop (kprobe mode), empty otherwise.
-    pub detail: [u8; DETAIL_LEN],
+    /// `flags::*`.
+    pub flags: u16,
+    pub cpu: u16,
+    pub reason: u8,
     /// `Attribution as u8`.
     pub attribution: u8,
     /// Bit `1 << reason` for every reason still possible (more than one only when uncertain).
     pub possible: u8,
-    pub _pad: [u8; 6],
+    /// 4 or 6, 0 when the headers could not be read.
+    pub ip_version: u8,
+    /// IP protocol number (6 tcp, 17 udp, 1 icmp, 58 icmpv6, ...).
+    pub l4proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// A `DropEvent` with the kernel's own words about it (kprobe mode), a record of its own size.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DropDetail {
+    pub event: DropEvent,
+    /// NUL-terminated, e.g. "invalid tcp flag combination".
+    pub detail: [u8; DETAIL_LEN],
+}
+
+/// Key of the in-kernel aggregates (`AGG_*`, `AGG_COARSE_*`): drops above the stream limit are counted here per
+/// (netns, reason, how it was decided, destination) instead of streamed one by one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AggKey {
+    pub netns: u32,
+    pub reason: u8,
+    /// `Attribution as u8`.
+    pub attribution: u8,
+    /// The `possible` mask of an uncertain drop, 0 when the reason was certain (they aggregate apart).
+    pub uncertain: u8,
+    /// 4 or 6; 0 when the headers could not be read (and in `AGG_COARSE_*`, which keep no destination).
+    pub ip_version: u8,
+    pub l4proto: u8,
+    pub _pad: u8,
+    pub dport: u16,
+    pub daddr: [u8; 16],
+}
+
+/// This CPU's run of drops with one aggregation key (`AGG_CACHE_<parity>`): a flood to one destination counts
+/// here, in an array, and reaches the hash map only when the key changes. Userspace adds the runs of an epoch
+/// when it collects it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AggRun {
+    pub key: AggKey,
+    /// The run's epoch + 1 (0: none).
+    pub epoch_tag: u32,
+    pub count: u64,
+}
+
+/// Per-CPU state of the stream limit and of ring buffer wakeups (`STREAM`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StreamState {
+    /// Start of this CPU's current one-second window, and the records it streamed in it.
+    pub window_start_ns: u64,
+    pub streamed: u64,
+    /// When this CPU last asked for a consumer wakeup.
+    pub last_wakeup_ns: u64,
+    /// `AGG_EPOCH` + 1 of the epoch in which this CPU found the destination aggregates full (it then counts
+    /// straight into the coarse ones until the next epoch).
+    pub fine_full_epoch: u64,
+    /// The jiffy of the last clock read, and that read: the limit's clock, read once per jiffy, not per drop.
+    pub jiffy: u64,
+    pub jiffy_ns: u64,
 }
 
 /// `ModuleEvent::kind`.
@@ -388,6 +442,8 @@ mod pod {
     unsafe impl aya::Pod for super::NetnsReasonKey {}
     unsafe impl aya::Pod for super::PendingVerdict {}
     unsafe impl aya::Pod for super::ModuleLayout {}
+    unsafe impl aya::Pod for super::AggKey {}
+    unsafe impl aya::Pod for super::AggRun {}
 }
 
 #[cfg(test)]
@@ -405,7 +461,10 @@ mod tests {
     #[test]
     fn abi_sizes_are_stable() {
         // The ring buffer record and the globals are an ABI between the two sides.
-        assert_eq!(core::mem::size_of::<DropEvent>(), 184);
+        assert_eq!(core::mem::size_of::<DropEvent>(), 80);
+        assert_eq!(core::mem::size_of::<DropDetail>(), 144);
+        assert_eq!(core::mem::size_of::<AggKey>(), 28);
+        assert_eq!(core::mem::size_of::<AggRun>(), 40);
         assert_eq!(core::mem::size_of::<KernelLayout>(), 136);
         assert_eq!(core::mem::size_of::<Baseline>(), 40);
         assert_eq!(core::mem::size_of::<PendingVerdict>(), 88);

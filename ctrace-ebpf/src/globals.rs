@@ -96,6 +96,29 @@ pub fn filter_host() -> [u8; 16] {
     unsafe { read_volatile(&raw const FILTER_HOST) }
 }
 
+/// Records each CPU streams per second before it aggregates drops in the kernel instead (`--rate-limit`;
+/// 0 = stream every drop).
+#[unsafe(no_mangle)]
+static STREAM_LIMIT: u32 = 0;
+
+#[inline(always)]
+pub fn stream_limit() -> u32 {
+    read_const(&raw const STREAM_LIMIT)
+}
+
+/// Always 0, but writable (`.bss`), so the verifier cannot know its value: XOR-ing a value with it makes the
+/// verifier forget what it knew about that value, for one load (a probe read of a stack slot, the other way to
+/// do it, is a helper call).
+#[unsafe(no_mangle)]
+static mut OPAQUE_ZERO: u64 = 0;
+
+/// `v`, with its value hidden from the verifier's value tracking.
+#[inline(always)]
+pub fn opaque_u64(v: u64) -> u64 {
+    // SAFETY: a read of this module's static.
+    v ^ unsafe { read_volatile(&raw const OPAQUE_ZERO) }
+}
+
 /// Non-zero in kprobe mode: the kfree_skb program then prefers the verdicts the conntrack
 /// kprobes left for the packet over counter deltas.
 #[unsafe(no_mangle)]

@@ -12,6 +12,7 @@ mod maps;
 mod packet;
 mod percpu;
 mod probes;
+mod stream;
 
 #[cfg(not(test))]
 #[panic_handler]

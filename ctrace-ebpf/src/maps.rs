@@ -5,13 +5,52 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use ctrace_common::{
-    Baseline, MAX_BASELINE_NETNS, MAX_HOOKED_NETNS, MAX_NETNS_REASONS, NetnsReasonKey, Reason, UNCERTAIN_BIT, losses,
+    AggKey, AggRun, Baseline, DropDetail, MAX_BASELINE_NETNS, MAX_HOOKED_NETNS, MAX_NETNS_REASONS, NetnsReasonKey, Reason, StreamState, UNCERTAIN_BIT, losses,
     totals_index,
 };
 
+/// Bytes of the `EVENTS` ring buffer.
+pub const EVENTS_BYTES: u32 = 1 << 22;
+
 /// Per-event records for userspace. When it is full the event is counted in `LOSSES`, never silently dropped.
 #[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
+
+/// Where the kfree_skb program builds this CPU's record, in place: no stack copy, and no zero-fill of byte arrays
+/// (which the BPF backend turns into calls to a byte-by-byte memset).
+#[map]
+pub static RECORD: PerCpuArray<DropDetail> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's stream limit window and last wakeup (index 0).
+#[map]
+pub static STREAM: PerCpuArray<StreamState> = PerCpuArray::with_max_entries(1, 0);
+
+/// Drops above the stream limit, counted per `AggKey` (destination kept), in the map of the epoch's parity:
+/// userspace takes the other one out whole (one batch syscall) once a second.
+#[map]
+pub static AGG_0: PerCpuHashMap<AggKey, u64> = PerCpuHashMap::with_max_entries(AGG_ENTRIES, 0);
+#[map]
+pub static AGG_1: PerCpuHashMap<AggKey, u64> = PerCpuHashMap::with_max_entries(AGG_ENTRIES, 0);
+
+/// Where `AGG_*` is full: the same counts without the destination.
+#[map]
+pub static AGG_COARSE_0: PerCpuHashMap<AggKey, u64> = PerCpuHashMap::with_max_entries(AGG_COARSE_ENTRIES, 0);
+#[map]
+pub static AGG_COARSE_1: PerCpuHashMap<AggKey, u64> = PerCpuHashMap::with_max_entries(AGG_COARSE_ENTRIES, 0);
+
+/// This CPU's current run of drops with one key, per epoch parity (see `AggRun`).
+#[map]
+pub static AGG_RUN_0: PerCpuArray<AggRun> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+pub static AGG_RUN_1: PerCpuArray<AggRun> = PerCpuArray::with_max_entries(1, 0);
+
+/// Destinations aggregated per second (beyond them, the aggregate lines fold destinations anyway).
+const AGG_ENTRIES: u32 = 8192;
+const AGG_COARSE_ENTRIES: u32 = 1024;
+
+/// Index 0: the current aggregation epoch; userspace advances it once a second before collecting the last one.
+#[map]
+pub static AGG_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Exact totals per reason, split by exactness (index = `totals_index(reason, uncertain)`), kept whether or
 /// not the event reached userspace.
@@ -36,6 +75,10 @@ pub static BASELINE: LruPerCpuHashMap<u32, Baseline> = LruPerCpuHashMap::with_ma
 /// conntrack's hook, 6.4+), by inode, with the bpf_ktime from which its evidence counts.
 #[map]
 pub static HOOKED: HashMap<u32, u64> = HashMap::with_max_entries(MAX_HOOKED_NETNS, 0);
+
+/// Index 0: how many netns `HOOKED` holds (0: the kfree_skb program skips the hash lookup).
+#[map]
+pub static HOOKED_COUNT: Array<u32> = Array::with_max_entries(1, 0);
 
 /// The addresses of `ipv4_conntrack_local` and `ipv6_conntrack_local` (conntrack's LOCAL_OUT hook
 /// functions), set by userspace from kallsyms (again after nf_conntrack reloads); 0 when unknown.
@@ -70,6 +113,14 @@ pub fn bump(map: &PerCpuArray<u64>, index: u32) {
 #[inline(always)]
 pub fn bump_loss(index: u32) {
     bump(&LOSSES, index);
+}
+
+#[inline(always)]
+pub fn add_loss(index: u32, n: u64) {
+    if let Some(p) = LOSSES.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, only this CPU writes it.
+        unsafe { *p += n };
+    }
 }
 
 #[inline(always)]

@@ -32,59 +32,69 @@ pub unsafe fn network_header(skb: u64) -> Option<(u64, u8)> {
     }
 }
 
-/// Fills the address, protocol and port fields of `ev` from the skb at `skb`.
-/// Leaves them zero (and HEADERS_OK unset) when the headers cannot be read.
+/// Bytes read at the network header at once: an IPv6 header (40) or an IPv4 header without options (20), and
+/// the first 6 bytes of the transport header (ports, or ICMP type, code and id).
+const HEADERS: usize = 48;
+
+/// Fills the address, protocol and port fields of `ev` from the skb behind the BTF pointer `skb` (the
+/// tracepoint's argument): its header offsets are direct loads, the headers one probe read (two for IPv4 with
+/// options). Leaves them zero (and HEADERS_OK unset) when the headers cannot be read.
 #[inline(always)]
-pub fn decode(skb: u64, ev: &mut DropEvent) {
+pub fn decode(skb: *const u8, ev: &mut DropEvent) {
     let _ = unsafe { try_decode(skb, ev) };
 }
 
 #[inline(always)]
-unsafe fn try_decode(skb: u64, ev: &mut DropEvent) -> Option<()> {
+unsafe fn try_decode(skb: *const u8, ev: &mut DropEvent) -> Option<()> {
     unsafe {
-        let (nh, first) = network_header(skb)?;
-        let th = match first >> 4 {
+        let head = *(skb.add(layout!(skb_head) as usize) as *const u64);
+        let nh_off = *(skb.add(layout!(skb_network_header) as usize) as *const u16);
+        if head == 0 || nh_off == u16::MAX {
+            return None;
+        }
+        let nh = head + nh_off as u64;
+        let h: [u8; HEADERS] = read(nh)?;
+        let transport: [u8; 6] = match h[0] >> 4 {
             4 => {
-                // struct iphdr: ihl:4 version:4, ..., protocol@9, saddr@12, daddr@16
-                let ihl = (first & 0x0f) as u64;
+                // struct iphdr: ihl:4 version:4, ..., frag_off@6, protocol@9, saddr@12, daddr@16
+                let ihl = (h[0] & 0x0f) as u64;
                 if ihl < 5 {
                     return None;
                 }
                 ev.ip_version = 4;
-                ev.l4proto = read(nh + 9)?;
-                let s: [u8; 4] = read(nh + 12)?;
-                let d: [u8; 4] = read(nh + 16)?;
-                ev.saddr[..4].copy_from_slice(&s);
-                ev.daddr[..4].copy_from_slice(&d);
-                let frag: u16 = read(nh + 6)?;
+                ev.l4proto = h[9];
+                ev.saddr[..4].copy_from_slice(&h[12..16]);
+                ev.daddr[..4].copy_from_slice(&h[16..20]);
                 // Only the first fragment carries the transport header.
-                if u16::from_be(frag) & 0x1fff != 0 {
+                if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
                     ev.flags |= flags::HEADERS_OK;
                     return Some(());
                 }
-                nh + ihl * 4
+                if ihl == 5 {
+                    [h[20], h[21], h[22], h[23], h[24], h[25]]
+                } else {
+                    read(nh + ihl * 4)?
+                }
             }
             6 => {
                 // struct ipv6hdr: nexthdr@6, saddr@8, daddr@24. Extension headers are not walked.
                 ev.ip_version = 6;
-                ev.l4proto = read(nh + 6)?;
-                ev.saddr = read(nh + 8)?;
-                ev.daddr = read(nh + 24)?;
-                nh + 40
+                ev.l4proto = h[6];
+                ev.saddr.copy_from_slice(&h[8..24]);
+                ev.daddr.copy_from_slice(&h[24..40]);
+                [h[40], h[41], h[42], h[43], h[44], h[45]]
             }
             _ => return None,
         };
         match ev.l4proto {
             IPPROTO_TCP | IPPROTO_UDP | IPPROTO_UDPLITE | IPPROTO_SCTP | IPPROTO_DCCP => {
-                let ports: [u8; 4] = read(th)?;
-                ev.sport = u16::from_be_bytes([ports[0], ports[1]]);
-                ev.dport = u16::from_be_bytes([ports[2], ports[3]]);
+                ev.sport = u16::from_be_bytes([transport[0], transport[1]]);
+                ev.dport = u16::from_be_bytes([transport[2], transport[3]]);
             }
             IPPROTO_ICMP | IPPROTO_ICMPV6 => {
                 // type@0 code@1 id@4
-                let hdr: [u8; 6] = read(th)?;
-                ev.dport = u16::from_be_bytes([hdr[0], hdr[1]]);
-                ev.sport = u16::from_be_bytes([hdr[4], hdr[5]]);
+                ev.dport = u16::from_be_bytes([transport[0], transport[1]]);
+                ev.sport = u16::from_be_bytes([transport[4], transport[5]]);
             }
             _ => {}
         }

@@ -73,10 +73,18 @@ impl RateLimiter {
     }
 
     pub fn admit(&mut self, d: &Drop, count: u64) -> Admit {
-        self.in_window += count;
-        if self.limit == 0 || (!self.aggregating && self.in_window <= self.limit) {
+        if self.limit == 0 || (!self.aggregating && self.in_window + count <= self.limit) {
+            self.in_window += count;
             return Admit::Print;
         }
+        self.fold(d, count);
+        Admit::Folded
+    }
+
+    /// Counts `count` drops like `d` into this second's aggregates without printing them (the kernel counted them
+    /// in its own aggregates above the rate limit).
+    pub fn fold(&mut self, d: &Drop, count: u64) {
+        self.in_window += count;
         let mut key = AggKey {
             reason: d.reason,
             uncertain: if d.uncertain() { d.possible } else { 0 },
@@ -96,7 +104,6 @@ impl RateLimiter {
                 v.ports_overflow = true;
             }
         }
-        Admit::Folded
     }
 
     /// Ends the current one-second window.

@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ctrace_common::{Attribution, DropEvent, Reason, flags};
+use ctrace_common::{AggKey, Attribution, DETAIL_LEN, DropDetail, DropEvent, Reason, flags};
 
 use crate::sanitize::kernel_str;
 
@@ -132,40 +132,40 @@ fn endpoint(ip: IpAddr, port: Option<u16>) -> String {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("event record of {0} bytes, expected {expected}", expected = std::mem::size_of::<DropEvent>())]
+#[error("event record of {0} bytes, expected {expected} or more", expected = std::mem::size_of::<DropEvent>())]
 pub struct BadRecord(usize);
 
-/// Copies a ring buffer record into a `DropEvent` (records are not aligned for us).
-pub fn parse_record(bytes: &[u8]) -> Result<DropEvent, BadRecord> {
+/// One ring buffer record: a `DropEvent`, and the kernel's words about it when the record is a `DropDetail`.
+#[derive(Clone, Copy, Debug)]
+pub struct Record {
+    pub event: DropEvent,
+    pub detail: Option<[u8; DETAIL_LEN]>,
+}
+
+/// Copies a ring buffer record out (records are not aligned for us); its size says which kind it is.
+pub fn parse_record(bytes: &[u8]) -> Result<Record, BadRecord> {
+    if bytes.len() >= std::mem::size_of::<DropDetail>() {
+        // SAFETY: DropDetail is repr(C) plain data and `bytes` is long enough.
+        let d = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const DropDetail) };
+        return Ok(Record {
+            event: d.event,
+            detail: Some(d.detail),
+        });
+    }
     if bytes.len() < std::mem::size_of::<DropEvent>() {
         return Err(BadRecord(bytes.len()));
     }
     // SAFETY: DropEvent is repr(C) plain data and `bytes` is long enough.
-    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const DropEvent) })
+    let event = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const DropEvent) };
+    Ok(Record { event, detail: None })
 }
 
-pub fn decode(ev: &DropEvent) -> Option<Drop> {
+pub fn decode(rec: &Record) -> Option<Drop> {
+    let ev = &rec.event;
     let reason = Reason::from_u8(ev.reason)?;
     let attribution = Attribution::from_u8(ev.attribution)?;
     let flow = if ev.flags & flags::HEADERS_OK != 0 {
-        let (src, dst) = match ev.ip_version {
-            4 => (
-                IpAddr::V4(Ipv4Addr::new(ev.saddr[0], ev.saddr[1], ev.saddr[2], ev.saddr[3])),
-                IpAddr::V4(Ipv4Addr::new(ev.daddr[0], ev.daddr[1], ev.daddr[2], ev.daddr[3])),
-            ),
-            6 => (
-                IpAddr::V6(Ipv6Addr::from(ev.saddr)),
-                IpAddr::V6(Ipv6Addr::from(ev.daddr)),
-            ),
-            _ => return None,
-        };
-        Some(Flow {
-            proto: ev.l4proto,
-            src,
-            dst,
-            sport: ev.sport,
-            dport: ev.dport,
-        })
+        Some(flow(ev.ip_version, ev.l4proto, ev.saddr, ev.daddr, ev.sport, ev.dport)?)
     } else {
         None
     };
@@ -177,65 +177,117 @@ pub fn decode(ev: &DropEvent) -> Option<Drop> {
         ts_ns: ev.ts_ns,
         reason,
         netns: ev.netns,
-        cpu: ev.cpu,
+        cpu: u32::from(ev.cpu),
         flow,
         process,
         new_baseline: ev.flags & flags::NEW_BASELINE != 0,
-        detail: Some(kernel_str(&ev.detail)).filter(|s| !s.is_empty()),
+        detail: rec.detail.map(|d| kernel_str(&d)).filter(|s| !s.is_empty()),
         evicted: ev.flags & flags::EVICTED != 0,
         attribution,
         possible: ev.possible | 1 << reason as u8,
     })
 }
 
+fn flow(ip_version: u8, proto: u8, saddr: [u8; 16], daddr: [u8; 16], sport: u16, dport: u16) -> Option<Flow> {
+    let (src, dst) = match ip_version {
+        4 => (
+            IpAddr::V4(Ipv4Addr::new(saddr[0], saddr[1], saddr[2], saddr[3])),
+            IpAddr::V4(Ipv4Addr::new(daddr[0], daddr[1], daddr[2], daddr[3])),
+        ),
+        6 => (IpAddr::V6(Ipv6Addr::from(saddr)), IpAddr::V6(Ipv6Addr::from(daddr))),
+        _ => return None,
+    };
+    Some(Flow {
+        proto,
+        src,
+        dst,
+        sport,
+        dport,
+    })
+}
+
+/// Drops the kernel counted in one aggregate (above the stream limit), as the drop they share and their count.
+/// The flow has the destination only (the source is unspecified); `coarse` aggregates kept no destination.
+pub fn decode_aggregate(key: &AggKey, coarse: bool) -> Option<Drop> {
+    let reason = Reason::from_u8(key.reason)?;
+    let attribution = Attribution::from_u8(key.attribution)?;
+    let flow = if coarse || key.ip_version == 0 {
+        None
+    } else {
+        Some(flow(key.ip_version, key.l4proto, [0; 16], key.daddr, 0, key.dport)?)
+    };
+    Some(Drop {
+        ts_ns: 0,
+        reason,
+        netns: key.netns,
+        cpu: 0,
+        flow,
+        process: None,
+        new_baseline: false,
+        detail: None,
+        evicted: false,
+        attribution,
+        possible: key.uncertain | 1 << reason as u8,
+    })
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use ctrace_common::CtStat;
 
-    /// A ring buffer record as the kernel writes it.
-    pub(crate) fn record_bytes(ev: &DropEvent) -> Vec<u8> {
-        // SAFETY: DropEvent is repr(C) plain data; the slice covers exactly one value.
-        unsafe { std::slice::from_raw_parts(ev as *const DropEvent as *const u8, std::mem::size_of::<DropEvent>()) }
-            .to_vec()
+    /// A ring buffer record as the kernel writes it (a `DropDetail` when it carries the kernel's words).
+    pub(crate) fn record_bytes(rec: &Record) -> Vec<u8> {
+        match rec.detail {
+            // SAFETY: DropEvent and DropDetail are repr(C) plain data; each slice covers exactly one value.
+            None => unsafe {
+                std::slice::from_raw_parts(&rec.event as *const DropEvent as *const u8, std::mem::size_of::<DropEvent>())
+            }
+            .to_vec(),
+            Some(detail) => {
+                let d = DropDetail { event: rec.event, detail };
+                unsafe {
+                    std::slice::from_raw_parts(&d as *const DropDetail as *const u8, std::mem::size_of::<DropDetail>())
+                }
+                .to_vec()
+            }
+        }
     }
 
     /// A table-full UDP drop from 10.0.0.1:5000 to 10.0.0.2:53 in netns 4026532177, sent by "py?thon".
-    pub(crate) fn raw() -> DropEvent {
-        DropEvent {
-            ts_ns: 5,
-            location: 0,
-            netns: 4026532177,
-            cpu: 1,
-            pid: 42,
-            flags: flags::HEADERS_OK | flags::LOCAL_SENDER,
-            delta: CtStat::default(),
-            comm: *b"py\x1bthon\0\0\0\0\0\0\0\0\0",
-            reason: Reason::TableFull as u8,
-            ip_version: 4,
-            l4proto: 17,
-            ctinfo: 0,
-            sport: 5000,
-            dport: 53,
-            saddr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            daddr: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-            detail: [0; ctrace_common::DETAIL_LEN],
-            attribution: Attribution::Counters as u8,
-            possible: 1 << Reason::TableFull as u8,
-            _pad: [0; 6],
+    pub(crate) fn raw() -> Record {
+        Record {
+            event: DropEvent {
+                ts_ns: 5,
+                netns: 4026532177,
+                cpu: 1,
+                pid: 42,
+                flags: flags::HEADERS_OK | flags::LOCAL_SENDER,
+                comm: *b"py\x1bthon\0\0\0\0\0\0\0\0\0",
+                reason: Reason::TableFull as u8,
+                ip_version: 4,
+                l4proto: 17,
+                sport: 5000,
+                dport: 53,
+                saddr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                daddr: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                attribution: Attribution::Counters as u8,
+                possible: 1 << Reason::TableFull as u8,
+                _pad: [0; 3],
+            },
+            detail: None,
         }
     }
 
     #[test]
     fn uncertain_drops_list_every_possible_reason_decided_one_first() {
         let mut ev = raw();
-        ev.reason = Reason::Invalid as u8;
-        ev.attribution = Attribution::Uncertain as u8;
-        ev.possible = (1 << Reason::Invalid as u8) | (1 << Reason::NetfilterRule as u8);
+        ev.event.reason = Reason::Invalid as u8;
+        ev.event.attribution = Attribution::Uncertain as u8;
+        ev.event.possible = (1 << Reason::Invalid as u8) | (1 << Reason::NetfilterRule as u8);
         let d = decode(&ev).unwrap();
         assert!(d.uncertain());
         assert_eq!(d.possible_reasons(), vec![Reason::Invalid, Reason::NetfilterRule]);
-        ev.attribution = 42;
+        ev.event.attribution = 42;
         assert!(decode(&ev).is_none(), "unknown attribution codes are rejected");
     }
 
@@ -253,13 +305,13 @@ pub(crate) mod tests {
     #[test]
     fn decodes_ipv6_and_icmp() {
         let mut ev = raw();
-        ev.ip_version = 6;
-        ev.saddr = Ipv6Addr::LOCALHOST.octets();
-        ev.daddr = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
+        ev.event.ip_version = 6;
+        ev.event.saddr = Ipv6Addr::LOCALHOST.octets();
+        ev.event.daddr = "2001:db8::1".parse::<Ipv6Addr>().unwrap().octets();
         let f = decode(&ev).unwrap().flow.unwrap();
         assert_eq!(f.src_string(), "[::1]:5000");
-        ev.l4proto = 58;
-        ev.dport = 128 << 8; // echo request, code 0
+        ev.event.l4proto = 58;
+        ev.event.dport = 128 << 8; // echo request, code 0
         let f = decode(&ev).unwrap().flow.unwrap();
         assert_eq!(f.icmp_type_code(), Some((128, 0)));
         assert_eq!(f.dst_string(), "2001:db8::1 type 128 code 0");
@@ -267,9 +319,53 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn records_carry_the_kernel_words_only_when_they_are_long_enough() {
+        let rec = raw();
+        let mut bytes = vec![0u8; std::mem::size_of::<DropDetail>()];
+        // SAFETY: the buffer holds a DropDetail.
+        unsafe {
+            std::ptr::write_unaligned(
+                bytes.as_mut_ptr() as *mut DropDetail,
+                DropDetail {
+                    event: rec.event,
+                    detail: {
+                        let mut d = [0u8; DETAIL_LEN];
+                        d[..16].copy_from_slice(b"unresolved clash");
+                        d
+                    },
+                },
+            )
+        };
+        let d = decode(&parse_record(&bytes).unwrap()).unwrap();
+        assert_eq!(d.detail.as_deref(), Some("unresolved clash"));
+        let d = decode(&parse_record(&bytes[..std::mem::size_of::<DropEvent>()]).unwrap()).unwrap();
+        assert_eq!(d.detail, None);
+    }
+
+    #[test]
+    fn aggregates_keep_the_destination_unless_coarse() {
+        let key = AggKey {
+            netns: 7,
+            reason: Reason::Invalid as u8,
+            attribution: Attribution::Uncertain as u8,
+            uncertain: (1 << Reason::Invalid as u8) | (1 << Reason::NetfilterRule as u8),
+            ip_version: 4,
+            l4proto: 17,
+            dport: 53,
+            daddr: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            _pad: 0,
+        };
+        let d = decode_aggregate(&key, false).unwrap();
+        assert!(d.uncertain());
+        assert_eq!(d.possible_reasons(), vec![Reason::Invalid, Reason::NetfilterRule]);
+        assert_eq!(d.flow.unwrap().dst_string(), "10.0.0.2:53");
+        assert!(decode_aggregate(&key, true).unwrap().flow.is_none());
+    }
+
+    #[test]
     fn unknown_reason_and_short_records_are_rejected() {
         let mut ev = raw();
-        ev.reason = 99;
+        ev.event.reason = 99;
         assert!(decode(&ev).is_none());
         assert!(parse_record(&[0u8; 10]).is_err());
     }
@@ -277,7 +373,7 @@ pub(crate) mod tests {
     #[test]
     fn no_headers_no_flow_and_no_process_without_local_sender() {
         let mut ev = raw();
-        ev.flags = 0;
+        ev.event.flags = 0;
         let d = decode(&ev).unwrap();
         assert!(d.flow.is_none());
         assert!(d.process.is_none());

@@ -16,6 +16,7 @@ pub mod child;
 pub mod events;
 pub mod flood;
 pub mod guest;
+pub mod bench;
 pub mod packets;
 pub mod prometheus;
 pub mod threads;

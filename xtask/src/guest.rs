@@ -33,6 +33,8 @@ pub(crate) enum Tool {
     /// kmod's modprobe and lsmod, in [`GUEST_KMOD_DIR`]: unlike busybox's modprobe, it refuses to unload a module
     /// in use without asking the kernel, and `modprobe -r` leaves dependencies that are still in use alone.
     Kmod,
+    /// conntrack (conntrack-tools), in /usr/local/sbin: flushes the table between benchmark rounds.
+    Conntrack,
 }
 
 impl Tool {
@@ -43,6 +45,7 @@ impl Tool {
             Tool::Nftables => "nftables",
             Tool::Iproute2 => "iproute2",
             Tool::Kmod => "kmod",
+            Tool::Conntrack => "conntrack",
         }
     }
 
@@ -62,6 +65,7 @@ impl Tool {
             }
             Tool::Nftables => vec![at("/usr/sbin/nft", "/usr/local/sbin/nft")],
             Tool::Iproute2 => vec![at("/usr/sbin/ip", "/usr/local/sbin/ip")],
+            Tool::Conntrack => vec![at("/usr/sbin/conntrack", "/usr/local/sbin/conntrack")],
             Tool::Kmod => ["modprobe", "lsmod"]
                 .map(|name| at("/usr/bin/kmod", &format!("{GUEST_KMOD_DIR}/{name}")))
                 .to_vec(),

@@ -3,6 +3,7 @@
 //! Everything the tasks need (nightly `rust-src`, a project-local bpf-linker, Debian packages) is installed by the
 //! tasks themselves, so a fresh machine only needs rustup and this repository.
 
+mod bench;
 mod build;
 mod debian;
 mod demo_vm;
@@ -41,6 +42,10 @@ enum Command {
     Dist,
     /// Runs the unit tests and the integration tests.
     Test(test::TestArgs),
+    /// Measures what ctrace costs the traffic it watches, next to nothing attached and a bpftrace one-liner:
+    /// interleaved rounds, medians, target/bench/report.md and report.json. Needs root; on a machine shared with
+    /// other kernel tests, `--lock /tmp/ctrace-kernel.lock` holds their lock while the host part runs.
+    Bench(bench::BenchArgs),
     /// Shows ctrace at work: on this host (`ctrace demo`), or with `--vm` the whole reload trap in a
     /// Debian guest (raise the limit, stop the firewall, watch the reset and the drops).
     Demo(DemoArgs),
@@ -65,6 +70,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(&ws, args),
         Command::Dist => dist::dist(&ws).map(drop),
         Command::Test(args) => test::test(&ws, &args),
+        Command::Bench(args) => bench::bench(&ws, &args),
         Command::Demo(args) if args.vm => demo_vm::run(&ws, &args.kernel),
         Command::Demo(_) => run::run_ctrace(&ws, &["demo"]),
     };

@@ -99,6 +99,12 @@ const STEPS: &[Step] = &[
     Step::new("unit tests", Kind::Unit, &[], unit_tests),
     Step::new("host integration tests", Kind::Host, HOST_PACKAGES, host_tests),
     Step::new(
+        "bench smoke run",
+        Kind::Host,
+        crate::bench::BENCH_PACKAGES,
+        crate::bench::smoke,
+    ),
+    Step::new(
         "deployment files",
         Kind::Host,
         crate::deploy_checks::PACKAGES,

@@ -24,13 +24,13 @@ use aya_ebpf::{
     maps::{LruHashMap, PerCpuArray},
     programs::{ProbeContext, RetProbeContext},
 };
-use ctrace_common::{CpuMark, DETAIL_LEN, DropEvent, PendingVerdict, Reason, flags, losses};
+use ctrace_common::{CpuMark, DETAIL_LEN, PendingVerdict, Reason, flags};
 
 use crate::{
     filter,
     globals::{ct_l4proto_log_invalid_fmt, l4proto_log_invalid_fmt, layout},
-    maps::{EVENTS, bump_loss},
-    packet,
+    maps::RECORD,
+    packet, stream,
 };
 
 #[inline(always)]
@@ -216,7 +216,8 @@ pub fn conntrack_ct_delete(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// Sends the evicted entry's original-direction tuple as an early_drop event.
+/// Sends the evicted entry's original-direction tuple as an early_drop event, within the stream limit (the
+/// evictions beyond it are reported from the kernel's early_drop counter, as in tracepoint mode).
 #[inline(always)]
 unsafe fn report_eviction(ct: u64) {
     let tuple_off = layout!(ct_tuple);
@@ -224,11 +225,19 @@ unsafe fn report_eviction(ct: u64) {
         return;
     }
     unsafe {
-        let mut ev: DropEvent = core::mem::zeroed();
+        let Some(rec) = RECORD.get_ptr_mut(0) else {
+            return;
+        };
+        // SAFETY: this CPU's slot; kprobes do not nest with the kfree_skb program on one CPU (the kernel skips a
+        // program that would recurse) and each fills the slot from scratch.
+        let rec = &mut *rec;
+        stream::clear(&mut rec.event);
+        rec.detail[0] = 0;
+        let ev = &mut rec.event;
         ev.ts_ns = now_ns();
-        ev.cpu = bpf_get_smp_processor_id();
-        ev.reason = Reason::EarlyDrop as u8;
         ev.flags = flags::EVICTED | flags::FROM_KPROBE;
+        ev.cpu = bpf_get_smp_processor_id() as u16;
+        ev.reason = Reason::EarlyDrop as u8;
         ev.attribution = ctrace_common::Attribution::Probe as u8;
         ev.possible = 1 << Reason::EarlyDrop as u8;
         let net: u64 = bpf_probe_read_kernel((ct + layout!(ct_net) as u64) as *const u64).unwrap_or(0);
@@ -256,11 +265,11 @@ unsafe fn report_eviction(ct: u64) {
         ev.sport = u16::from_be_bytes([t[16], t[17]]);
         ev.dport = u16::from_be_bytes([t[36], t[37]]);
         ev.flags |= flags::HEADERS_OK;
-        if !filter::wants_flow(&ev) {
+        if !filter::wants_flow(ev) {
             return;
         }
-        if EVENTS.output::<DropEvent>(&ev, 0).is_err() {
-            bump_loss(losses::EVENTS);
+        if let Some(rb_flags) = stream::route() {
+            stream::submit(rec, rb_flags);
         }
     }
 }

@@ -13,23 +13,20 @@
 //! enum skb_drop_reason reason [, struct sock *rx_sk (6.12+)])`; `reason` is absent before 5.17.
 
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-        bpf_probe_read_kernel,
-    },
+    helpers::{bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns},
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
 use ctrace_common::{
-    Attribution, Baseline, CtStat, DETAIL_LEN, DropEvent, Evidence, Reason, TASK_COMM_LEN, Verdict, baseline_state,
-    classify, flags, losses,
+    Attribution, Baseline, CtStat, DETAIL_LEN, Evidence, Reason, Verdict, baseline_state, classify, flags, losses,
 };
 
 use crate::{
     filter,
-    globals::{self, layout},
+    globals::{self, layout, opaque_u64},
     maps, packet, percpu,
     probes::conntrack::{FRESH_NS, PENDING_SKB, TABLE_FULL_MARK},
+    stream,
 };
 
 #[inline(always)]
@@ -47,6 +44,11 @@ unsafe fn field_ptr(base: *const u8, off: u32) -> *const u8 {
 #[inline(always)]
 unsafe fn field_u32(base: *const u8, off: u32) -> u32 {
     unsafe { *(base.add(off as usize) as *const u32) }
+}
+
+#[inline(always)]
+unsafe fn field_u64(base: *const u8, off: u32) -> u64 {
+    unsafe { *(base.add(off as usize) as *const u64) }
 }
 
 #[btf_tracepoint(function = "kfree_skb")]
@@ -93,11 +95,16 @@ unsafe fn try_kfree_skb(ctx: &BtfTracePointContext) {
             return;
         }
 
-        let mut ev: DropEvent = core::mem::zeroed();
-        ev.ts_ns = bpf_ktime_get_ns();
-        ev.location = ctx.arg(1);
+        let Some(rec) = maps::RECORD.get_ptr_mut(0) else {
+            return;
+        };
+        // SAFETY: this CPU's slot; programs do not migrate while they run.
+        let rec = &mut *rec;
+        stream::clear(&mut rec.event);
+        // The kernel's words about the drop (kprobe mode); tracepoint mode never has any.
+        rec.detail[0] = 0;
+        let ev = &mut rec.event;
         ev.netns = netns;
-        ev.cpu = bpf_get_smp_processor_id();
         let nfct: u64 = *(skb.add(layout!(skb_nfct) as usize) as *const u64);
         let mut evidence = Evidence {
             has_ct: nfct & !7 != 0,
@@ -107,30 +114,35 @@ unsafe fn try_kfree_skb(ctx: &BtfTracePointContext) {
         };
         if evidence.has_ct {
             ev.flags |= flags::HAS_CT;
-            ev.ctinfo = (nfct & 7) as u8;
         } else if !evidence.untracked {
-            evidence.passed_conntrack = conntrack_hook_evidence(skb as u64, net as u64, netns, ev.ts_ns);
+            evidence.passed_conntrack = conntrack_hook_evidence(skb as u64, net as u64, netns);
         }
         if dev.is_null() && !sk.is_null() {
             ev.flags |= flags::LOCAL_SENDER;
-            ev.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-            ev.comm = bpf_get_current_comm().unwrap_or([0u8; TASK_COMM_LEN]);
         }
 
         // Counters are read in every mode: they keep the per-CPU baselines current, and they check the probes.
         if !net.is_null() {
-            counter_delta(net, netns, &mut ev, &mut evidence);
+            ev.flags |= counter_delta(net, netns, &mut evidence);
         }
         if globals::kprobe_mode() {
-            evidence.probe = kprobe_verdict(skb as u64, evidence.has_ct, &mut ev);
+            evidence.probe = kprobe_verdict(
+                skb as u64,
+                evidence.has_ct,
+                bpf_ktime_get_ns(),
+                bpf_get_smp_processor_id(),
+                &mut rec.detail,
+            );
         }
+        let ev = &mut rec.event;
         let verdict = opaque_verdict(classify(&evidence));
         if verdict.attribution == Attribution::Probe {
             ev.flags |= flags::FROM_KPROBE;
-        } else if globals::kprobe_mode() {
-            // A verdict the counters overruled leaves no kernel text behind (tracepoint mode never sets any).
-            ev.detail = [0; DETAIL_LEN];
+        } else {
+            // A verdict the counters overruled leaves no kernel text behind.
+            rec.detail[0] = 0;
         }
+        let ev = &mut rec.event;
         if verdict.disagreement {
             ev.flags |= flags::DISAGREEMENT;
             maps::bump_loss(losses::DISAGREEMENTS);
@@ -138,16 +150,26 @@ unsafe fn try_kfree_skb(ctx: &BtfTracePointContext) {
         if !filter::wants_any_reason(verdict.possible as u32) {
             return;
         }
-        packet::decode(skb as u64, &mut ev);
-        if !filter::wants_flow(&ev) {
+        packet::decode(skb, ev);
+        if !filter::wants_flow(ev) {
             return;
         }
         ev.reason = verdict.reason as u8;
         ev.attribution = verdict.attribution as u8;
         ev.possible = verdict.possible;
         maps::bump_totals(netns, verdict.reason, verdict.attribution == Attribution::Uncertain);
-        if maps::EVENTS.output::<DropEvent>(&ev, 0).is_err() {
-            maps::bump_loss(losses::EVENTS);
+        match stream::route() {
+            Some(rb_flags) => {
+                // Only a record needs the time, the CPU and the sender.
+                ev.ts_ns = bpf_ktime_get_ns();
+                ev.cpu = bpf_get_smp_processor_id() as u16;
+                if ev.flags & flags::LOCAL_SENDER != 0 {
+                    ev.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+                    stream::current_comm(&mut ev.comm);
+                }
+                stream::submit(rec, rb_flags);
+            }
+            None => stream::aggregate(&rec.event),
         }
     }
 }
@@ -159,8 +181,7 @@ unsafe fn try_kfree_skb(ctx: &BtfTracePointContext) {
 fn opaque_verdict(v: Verdict) -> Verdict {
     let packed: u64 =
         v.reason as u64 | (v.attribution as u64) << 8 | (v.possible as u64) << 16 | (v.disagreement as u64) << 24;
-    // SAFETY: a read of our own stack slot.
-    let p = unsafe { bpf_probe_read_kernel(&packed as *const u64) }.unwrap_or(packed);
+    let p = opaque_u64(packed);
     Verdict {
         reason: Reason::from_u8(p as u8).unwrap_or(Reason::NetfilterRule),
         attribution: Attribution::from_u8((p >> 8) as u8).unwrap_or(Attribution::Uncertain),
@@ -169,21 +190,18 @@ fn opaque_verdict(v: Verdict) -> Verdict {
     }
 }
 
-/// `v`, with its value hidden from the verifier's value tracking.
-#[inline(always)]
-fn opaque<T: Copy>(v: T) -> T {
-    // SAFETY: a read of our own stack slot holding a valid `T`.
-    unsafe { bpf_probe_read_kernel(&v as *const T) }.unwrap_or(v)
-}
-
 /// Where the conntrack hook is armed and conntrack runs for the packet's family: whether this packet left
 /// conntrack's hook without an entry in its current pass (its mark is consumed). A stale mark is another
 /// packet's at the same address, left by a pass this packet did not make (it never entered the IPv4/IPv6
 /// hooks): no evidence either way.
 #[inline(always)]
-unsafe fn conntrack_hook_evidence(skb: u64, net: u64, netns: u32, now: u64) -> Option<bool> {
+unsafe fn conntrack_hook_evidence(skb: u64, net: u64, netns: u32) -> Option<bool> {
     unsafe {
+        if maps::HOOKED_COUNT.get(0).copied().unwrap_or(0) == 0 {
+            return None;
+        }
         let since = *maps::HOOKED.get(netns)?;
+        let now = bpf_ktime_get_ns();
         if now < since {
             return None;
         }
@@ -251,18 +269,18 @@ const STAT_WORDS: usize = 12;
 const IP_CT_UNTRACKED: u64 = 7;
 
 /// The verdict a conntrack kprobe left for this very packet, if fresh, left on this CPU and (for
-/// per-skb verdicts) for a packet with the same headers. Consumed either way.
+/// per-skb verdicts) for a packet with the same headers, with its text in `detail`. Consumed either way.
 #[inline(always)]
-unsafe fn kprobe_verdict(skb: u64, has_ct: bool, ev: &mut DropEvent) -> Option<Reason> {
+unsafe fn kprobe_verdict(skb: u64, has_ct: bool, now: u64, cpu: u32, detail: &mut [u8; DETAIL_LEN]) -> Option<Reason> {
     unsafe {
         if let Some(p) = PENDING_SKB.get(skb) {
             let p = *p;
             let _ = PENDING_SKB.remove(skb);
-            if p.cpu == ev.cpu
-                && ev.ts_ns.wrapping_sub(p.ts_ns) < FRESH_NS
+            if p.cpu == cpu
+                && now.wrapping_sub(p.ts_ns) < FRESH_NS
                 && (p.fingerprint == 0 || p.fingerprint == packet::fingerprint(skb))
             {
-                ev.detail = p.detail;
+                *detail = p.detail;
                 return Reason::from_u8(p.reason);
             }
         }
@@ -272,7 +290,7 @@ unsafe fn kprobe_verdict(skb: u64, has_ct: bool, ev: &mut DropEvent) -> Option<R
             let mark = *m;
             if mark.ts_ns != 0 {
                 (*m).ts_ns = 0;
-                if mark.task == bpf_get_current_pid_tgid() && ev.ts_ns.wrapping_sub(mark.ts_ns) < FRESH_NS {
+                if mark.task == bpf_get_current_pid_tgid() && now.wrapping_sub(mark.ts_ns) < FRESH_NS {
                     return Some(Reason::TableFull);
                 }
             }
@@ -282,33 +300,33 @@ unsafe fn kprobe_verdict(skb: u64, has_ct: bool, ev: &mut DropEvent) -> Option<R
 }
 
 /// Reads this CPU's conntrack counters of `net` and their increase since the previous drop in this
-/// netns on this CPU, and makes them the new baseline.
+/// netns on this CPU, and makes them the new baseline. Returns the record's baseline flags.
 #[inline(always)]
-unsafe fn counter_delta(net: *const u8, netns: u32, ev: &mut DropEvent, evidence: &mut Evidence) {
+unsafe fn counter_delta(net: *const u8, netns: u32, evidence: &mut Evidence) -> u16 {
     unsafe {
         // `net->ct.stat` is a per-CPU pointer; this CPU's copy lives at pointer + this CPU's
         // per-CPU offset. (bpf_this_cpu_ptr would need __percpu type tags, which kernels built
         // with gcc do not have in their BTF.)
         let Some(pcpu) = read_u64(net as u64 + layout!(net_ct_stat) as u64) else {
-            return;
+            return 0;
         };
         let Some(cpu_off) = percpu::this_cpu_offset() else {
-            return;
+            return 0;
         };
         if pcpu == 0 {
-            return;
+            return 0;
         }
         let stat = pcpu.wrapping_add(cpu_off);
         // One read of the first 12 counters of struct ip_conntrack_stat (those used are within them since
         // 4.18), into a per-CPU scratch slot: a read per counter would give the verifier a path per
         // combination of failed reads, and 48 bytes on the stack would not fit beside the event.
         let Some(all) = maps::STAT_SCRATCH.get_ptr_mut(0) else {
-            return;
+            return 0;
         };
         if aya_ebpf::helpers::bpf_probe_read_kernel_buf(stat as *const u8, &mut *(all as *mut [u8; 4 * STAT_WORDS]))
             .is_err()
         {
-            return;
+            return 0;
         }
         let all = &*all;
         let word = |off: u32| all[(off as usize / 4) % STAT_WORDS];
@@ -323,11 +341,12 @@ unsafe fn counter_delta(net: *const u8, netns: u32, ev: &mut DropEvent, evidence
         // Which netns this is, beyond its (reusable) inode number.
         let cookie = match layout!(net_cookie) {
             0 => 0,
-            off => read_u64(net as u64 + off as u64).unwrap_or(0),
+            off => field_u64(net, off),
         };
-        // Neither is unique alone (6.18 reuses namespace ids, and `struct net` memory is reused), together
-        // they practically are.
-        let generation = percpu::address_of(net) ^ cookie.rotate_left(32);
+        // With the address of the netns's own conntrack counters (allocated with it, already read as a number):
+        // neither is unique alone (6.18 reuses namespace ids, and memory is reused), together they practically
+        // are.
+        let generation = pcpu ^ cookie.rotate_left(32);
 
         let slot = maps::BASELINE.get_ptr_mut(netns);
         let found = match slot {
@@ -375,16 +394,26 @@ unsafe fn counter_delta(net: *const u8, netns: u32, ev: &mut DropEvent, evidence
             reset = true;
         }
         // Hidden from the verifier: the ways through the choice above merge into one state here.
-        let (before, known, reset) = opaque((before, known, reset));
+        let hide = |v: u32| opaque_u64(v as u64) as u32;
+        let before = CtStat {
+            drop: hide(before.drop),
+            invalid: hide(before.invalid),
+            insert_failed: hide(before.insert_failed),
+            early_drop: hide(before.early_drop),
+            error: hide(before.error),
+            _pad: 0,
+        };
+        let (known, reset) = (hide(known as u32) != 0, hide(reset as u32) != 0);
+        let mut record_flags = 0;
         if reset {
-            ev.flags |= flags::BASELINE_RESET;
+            record_flags |= flags::BASELINE_RESET;
             maps::bump_loss(losses::BASELINE_RESETS);
         }
         if !known {
-            ev.flags |= flags::NEW_BASELINE;
+            record_flags |= flags::NEW_BASELINE;
             maps::bump_loss(losses::NO_BASELINE);
         }
-        ev.delta = CtStat {
+        evidence.delta = CtStat {
             drop: now.drop.wrapping_sub(before.drop),
             invalid: now.invalid.wrapping_sub(before.invalid),
             insert_failed: now.insert_failed.wrapping_sub(before.insert_failed),
@@ -392,7 +421,7 @@ unsafe fn counter_delta(net: *const u8, netns: u32, ev: &mut DropEvent, evidence
             error: now.error.wrapping_sub(before.error),
             _pad: 0,
         };
-        evidence.delta = ev.delta;
         evidence.baseline_known = known;
+        record_flags
     }
 }

@@ -8,7 +8,7 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf},
-    programs::{BtfTracePoint, KProbe, kprobe::KProbeLinkId},
+    programs::{BtfTracePoint, KProbe, Program, kprobe::KProbeLinkId},
 };
 use ctrace_common::{
     Baseline, CtStat, MAX_HOOKED_NETNS, NetnsReasonKey, Reason, UNCERTAIN_BIT, baseline_state, losses, totals_index,
@@ -27,6 +27,9 @@ pub struct KernelFilters {
     pub port: u16,
     pub host: Option<std::net::IpAddr>,
     pub reasons: Vec<Reason>,
+    /// `--rate-limit`: records each CPU streams per second; above it the kernel counts drops in aggregates
+    /// (`collect_aggregates`). 0 streams every drop.
+    pub rate_limit: u64,
 }
 
 pub struct Tracer {
@@ -54,6 +57,13 @@ pub struct Tracer {
     kprobe_mode: bool,
     /// struct nf_conn's offsets are known, so evictions can be listed (kprobe mode).
     evictions_listable: bool,
+    /// The epoch the programs count their aggregates in.
+    aggregate_epoch: super::aggregates::Epoch,
+    /// `stop_programs` ran: nothing counts any more.
+    stopped: bool,
+    /// `CT_HOOK_FNS` holds the hook functions' addresses (looked up in /proc/kallsyms when the hook is first
+    /// armed: a read of it takes tens of ms at start-up, and the kfree_skb program needs them only where armed).
+    hook_functions_set: bool,
 }
 
 impl Tracer {
@@ -105,7 +115,11 @@ reload can reset its sysctls"
         let module_globals = module_layout.as_ref().map(|(l, _)| *l).unwrap_or_default();
         let sysctl_task_helpers: u32 = crate::sysctl_watch::task_helpers(&release).into();
         let insert_failed_noisy: u32 = insert_failed_counts_resolved_clashes(&release).into();
+        let stream_limit = u32::try_from(filters.rate_limit).unwrap_or(u32::MAX);
+        // Parsed once, for the loader's relocations and the BTF tracepoints' targets (each parse takes tens of ms).
+        let aya_btf = aya::Btf::from_sys_fs().context("cannot read /sys/kernel/btf/vmlinux")?;
         let mut ebpf = EbpfLoader::new()
+            .btf(Some(&aya_btf))
             .override_global("LAYOUT", &kernel_layout, true)
             .override_global("FILTER_NETNS", &filters.netns, true)
             .override_global("FILTER_L4PROTO", &l4proto, true)
@@ -119,12 +133,12 @@ reload can reset its sysctls"
             .override_global("MODULE_LAYOUT", &module_globals, true)
             .override_global("SYSCTL_TASK_HELPERS", &sysctl_task_helpers, true)
             .override_global("INSERT_FAILED_NOISY", &insert_failed_noisy, true)
+            .override_global("STREAM_LIMIT", &stream_limit, true)
             .load(EBPF_OBJECT)
             .context("the kernel refused ctrace's BPF programs")?;
 
         seed_baselines(&mut ebpf, baselines)?;
 
-        let aya_btf = aya::Btf::from_sys_fs().context("cannot read /sys/kernel/btf/vmlinux")?;
         let prog: &mut BtfTracePoint = ebpf
             .program_mut("skb_drop_kfree_skb")
             .context("program skb_drop_kfree_skb missing from the eBPF object")?
@@ -168,7 +182,6 @@ reload can reset its sysctls"
         } else {
             Err("ctrace lacks the capabilities it needs (said at start)".to_owned())
         };
-        set_conntrack_hook_functions(&mut ebpf)?;
         Ok(Tracer {
             ebpf,
             kprobe_links,
@@ -183,6 +196,9 @@ reload can reset its sysctls"
             conntrack_gone: false,
             kprobe_mode: kprobe_mode != 0,
             evictions_listable,
+            aggregate_epoch: Default::default(),
+            stopped: false,
+            hook_functions_set: false,
         })
     }
 
@@ -229,6 +245,37 @@ reload can reset its sysctls"
     /// nf_conntrack was unloaded: its kprobes are gone until it is back and `reattach_conntrack` ran.
     pub fn conntrack_unloaded(&mut self) {
         self.conntrack_gone = true;
+    }
+
+    /// The drops the kernel counted in aggregates since the last call (above the rate limit), each as the drop
+    /// its packets share and their count. After `stop_programs`: everything that is left.
+    pub fn collect_aggregates(&mut self) -> anyhow::Result<Vec<(crate::event::Drop, u64)>> {
+        super::aggregates::collect(&mut self.ebpf, &mut self.aggregate_epoch, self.stopped)
+    }
+
+    /// Detaches and unloads every program, keeping the maps: totals, aggregates and records read afterwards
+    /// are final and agree with each other.
+    pub fn stop_programs(&mut self) {
+        self.eviction_link = None;
+        self.kprobe_links.clear();
+        if let Ok(hook) = self.conntrack_hook.as_mut() {
+            for netns in hook.armed().collect::<Vec<_>>() {
+                hook.disarm(netns);
+            }
+        }
+        for (name, program) in self.ebpf.programs_mut() {
+            let unloaded = match program {
+                Program::BtfTracePoint(p) => p.unload(),
+                Program::KProbe(p) => p.unload(),
+                Program::TracePoint(p) => p.unload(),
+                Program::CgroupSysctl(p) => p.unload(),
+                _ => Ok(()),
+            };
+            if let Err(e) = unloaded {
+                log::debug!("unloading {name}: {e}");
+            }
+        }
+        self.stopped = true;
     }
 
     /// Whether early_drop evictions can be listed one by one on this kernel.
@@ -281,7 +328,9 @@ reload can reset its sysctls"
             let _ = baseline.insert(k, PerCpuValues::try_from(vec![zero; ncpus])?, 0);
         }
         // The new module's hook functions are elsewhere.
-        set_conntrack_hook_functions(&mut self.ebpf)?;
+        if self.hook_functions_set {
+            set_conntrack_hook_functions(&mut self.ebpf)?;
+        }
         if !self.kprobe_mode {
             return Ok(vec![]);
         }
@@ -365,9 +414,10 @@ reload can reset its sysctls"
         Ok(out)
     }
 
-    /// Events that did not fit in the ring buffer.
+    /// Drops in the totals that are in no record and no aggregate: the ring buffer was full, or (above the rate
+    /// limit) the aggregation maps were.
     pub fn lost_events(&self) -> anyhow::Result<u64> {
-        self.percpu_sum("LOSSES", losses::EVENTS)
+        Ok(self.percpu_sum("LOSSES", losses::EVENTS)? + self.percpu_sum("LOSSES", losses::AGGREGATES)?)
     }
 
     /// Drops whose per-netns split was not recorded (more netns than the map holds).
@@ -401,10 +451,26 @@ reload can reset its sysctls"
             return Ok(false);
         }
         let since_ns = hook.arm(netns, path)?;
+        if !self.hook_functions_set {
+            set_conntrack_hook_functions(&mut self.ebpf)?;
+            self.hook_functions_set = true;
+        }
         let mut hooked: BpfHashMap<_, u32, u64> =
             BpfHashMap::try_from(self.ebpf.map_mut("HOOKED").context("HOOKED map missing")?)?;
         hooked.insert(netns, since_ns, 0)?;
+        self.count_hooked()?;
         Ok(true)
+    }
+
+    /// Tells the kfree_skb program how many netns are hooked (none: it skips looking).
+    fn count_hooked(&mut self) -> anyhow::Result<()> {
+        let hooked: BpfHashMap<_, u32, u64> =
+            BpfHashMap::try_from(self.ebpf.map("HOOKED").context("HOOKED map missing")?)?;
+        let n = hooked.keys().filter(Result::is_ok).count() as u32;
+        let mut count: Array<_, u32> =
+            Array::try_from(self.ebpf.map_mut("HOOKED_COUNT").context("HOOKED_COUNT map missing")?)?;
+        count.set(0, n, 0)?;
+        Ok(())
     }
 
     /// Unlinks the conntrack hook from `netns` (first the kernel side stops using its evidence).
@@ -414,6 +480,7 @@ reload can reset its sysctls"
         {
             let _ = hooked.remove(&netns);
         }
+        let _ = self.count_hooked();
         if let Ok(hook) = self.conntrack_hook.as_mut() {
             hook.disarm(netns);
         }

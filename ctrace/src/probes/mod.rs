@@ -10,6 +10,7 @@
 //! verdicts and the kernel's reason text. fentry is never used on nf_conntrack's functions: it
 //! would pin the module, so `modprobe -r nf_conntrack` would fail while ctrace runs.
 
+pub mod aggregates;
 pub mod conntrack_hook;
 pub mod kprobe;
 pub mod loader;

@@ -108,7 +108,8 @@ pub struct SummaryRecord {
     pub total: u64,
     /// how often attribution made do with less evidence, counted in the kernel
     pub attribution: AttributionStats,
-    /// events that did not fit in the ring buffer; the totals stay exact
+    /// drops in the totals that reached no record and no aggregate (the ring buffer was full, or above the rate
+    /// limit the kernel's aggregation maps were); the totals stay exact
     pub lost: u64,
     /// modprobe/rmmod runs and `delete_module` calls of callers without CAP_SYS_MODULE in the init user
     /// namespace: they cannot change a module, so they raise no module event

@@ -75,6 +75,7 @@ pub async fn run(args: RunArgs, sinks: Sinks, hooks: Hooks) -> anyhow::Result<Su
         port: args.port.unwrap_or(0),
         host: args.host,
         reasons: args.reason.clone(),
+        rate_limit: args.rate_limit,
     };
     let mut tracer = Tracer::start(
         &choice.plan,
@@ -127,6 +128,9 @@ carry no flow)",
     let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Records are submitted without a wakeup each (a lone drop still wakes us): read what waits every 50 ms.
+    let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut ticks = 0u64;
 
@@ -177,6 +181,7 @@ carry no flow)",
                 s.sinks.flush();
             }
             _ = sysctl_settle => s.refresh_sysctls(),
+            _ = drain_tick.tick() => s.drain(events.get_mut()),
             _ = tick.tick() => {
                 ticks += 1;
                 s.tick(ticks, events.get_mut(), &mut tracer);
@@ -189,6 +194,7 @@ carry no flow)",
     }
 
     // Detach first (nothing new arrives), then read everything that is left.
+    tracer.stop_programs();
     let totals = tracer.reason_totals()?;
     let per_netns = tracer.netns_totals()?;
     let lost = tracer.lost_events()?;
@@ -199,6 +205,7 @@ carry no flow)",
     let mut events = events.into_inner();
     let mut module_events = module_events.map(AsyncFd::into_inner);
     let mut sysctl_events = sysctl_events.map(AsyncFd::into_inner);
+    s.collect_counted(&mut tracer);
     drop(tracer);
     for r in module_events.as_mut().map(records).unwrap_or_default() {
         s.handle_module_record(&r);

@@ -153,14 +153,39 @@ impl Session {
         }
     }
 
-    pub(super) fn drain(&mut self, rb: &mut RingBuf<MapData>) {
-        // The limit can change under us (that is the bug class ctrace exists for): read it at
-        // most every 100 ms while drops are being printed.
-        if self.max_read.elapsed() > Duration::from_millis(100) {
-            self.max = netns::conntrack_max();
-            self.max_read = Instant::now();
+    /// Drops the kernel counted in its aggregates (above the rate limit): into the tallies and this second's
+    /// aggregate lines, like folded records.
+    pub(super) fn handle_counted(&mut self, d: &event::Drop, count: u64) {
+        self.registry.learn(d.netns);
+        self.tally.add(d, count);
+        if d.uncertain() {
+            self.hook.uncertain_drop(d.netns);
         }
+        self.limiter.fold(d, count);
+    }
+
+    pub(super) fn collect_counted(&mut self, tracer: &mut Tracer) {
+        match tracer.collect_aggregates() {
+            Ok(counted) => {
+                for (d, count) in counted {
+                    self.handle_counted(&d, count);
+                }
+            }
+            Err(e) => self.sinks.emit(Event::notice(format!(
+                "cannot read the kernel's aggregates: {}",
+                crate::brief(&e)
+            ))),
+        }
+    }
+
+    pub(super) fn drain(&mut self, rb: &mut RingBuf<MapData>) {
         while let Some(item) = rb.next() {
+            // The limit can change under us (that is the bug class ctrace exists for): read it at
+            // most every 100 ms while drops are being printed.
+            if self.max_read.elapsed() > Duration::from_millis(100) {
+                self.max = netns::conntrack_max();
+                self.max_read = Instant::now();
+            }
             self.handle_record(&item);
         }
         self.sinks.flush();
@@ -405,6 +430,7 @@ impl Session {
         self.poll_counters(false);
         self.drain(events);
         self.report_counted_evictions();
+        self.collect_counted(tracer);
         self.flush_aggregates();
         self.steer_eviction_probe(tracer);
         if ticks.is_multiple_of(5) {
@@ -455,7 +481,7 @@ mod tests {
         let (mut s, buf) = session(3);
         for port in 0..10 {
             let mut ev = raw();
-            ev.dport = port;
+            ev.event.dport = port;
             s.handle_record(&record_bytes(&ev));
         }
         s.flush_aggregates();
@@ -487,11 +513,11 @@ mod tests {
     #[test]
     fn listed_evictions_and_counted_remainders_add_up_to_the_kernel_counter() {
         let (mut s, buf) = session(0);
-        let netns = raw().netns;
+        let netns = raw().event.netns;
         s.counters.seed(netns, stats(90, 10));
         let mut ev = raw();
-        ev.reason = Reason::EarlyDrop as u8;
-        ev.flags |= flags::EVICTED;
+        ev.event.reason = Reason::EarlyDrop as u8;
+        ev.event.flags |= flags::EVICTED;
         for _ in 0..2 {
             s.handle_record(&record_bytes(&ev));
         }
@@ -517,7 +543,7 @@ mod tests {
         let (mut s, buf) = session(0);
         s.handle_record(&[1, 2, 3]);
         let mut ev = raw();
-        ev.reason = 99;
+        ev.event.reason = 99;
         s.handle_record(&record_bytes(&ev));
         s.sinks.flush();
         assert!(buf.text().is_empty());
