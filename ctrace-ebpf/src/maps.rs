@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use ctrace_common::{
-    AggKey, AggRun, Baseline, DropDetail, MAX_BASELINE_NETNS, MAX_HOOKED_NETNS, MAX_NETNS_REASONS, NetnsReasonKey, Reason, StreamState, UNCERTAIN_BIT, losses,
-    totals_index,
+    AggKey, AggRun, Baseline, DropDetail, MAX_BASELINE_NETNS, MAX_HOOKED_NETNS, MAX_NETNS_REASONS, NetnsReasonKey,
+    Reason, StreamState, UNCERTAIN_BIT, losses, totals_index,
 };
 
 /// Bytes of the `EVENTS` ring buffer.

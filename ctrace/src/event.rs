@@ -240,11 +240,17 @@ pub(crate) mod tests {
         match rec.detail {
             // SAFETY: DropEvent and DropDetail are repr(C) plain data; each slice covers exactly one value.
             None => unsafe {
-                std::slice::from_raw_parts(&rec.event as *const DropEvent as *const u8, std::mem::size_of::<DropEvent>())
+                std::slice::from_raw_parts(
+                    &rec.event as *const DropEvent as *const u8,
+                    std::mem::size_of::<DropEvent>(),
+                )
             }
             .to_vec(),
             Some(detail) => {
-                let d = DropDetail { event: rec.event, detail };
+                let d = DropDetail {
+                    event: rec.event,
+                    detail,
+                };
                 unsafe {
                     std::slice::from_raw_parts(&d as *const DropDetail as *const u8, std::mem::size_of::<DropDetail>())
                 }

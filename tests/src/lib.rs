@@ -10,13 +10,13 @@ use std::{fs, net::SocketAddrV4, path::PathBuf};
 
 use anyhow::Context as _;
 
+pub mod bench;
 pub mod caps;
 pub mod checks;
 pub mod child;
 pub mod events;
 pub mod flood;
 pub mod guest;
-pub mod bench;
 pub mod packets;
 pub mod prometheus;
 pub mod threads;

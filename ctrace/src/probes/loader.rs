@@ -1,20 +1,18 @@
 //! Loads the programs: the `skb_drop_kfree_skb` sink (tp_btf, every mode) with offsets from the
-//! running kernel's BTF, plus the conntrack kprobes in kprobe mode; seeds the per-CPU baselines;
-//! reads the exact in-kernel totals.
+//! running kernel's BTF, plus the conntrack kprobes in kprobe mode; seeds the per-CPU baselines; attaches
+//! again after a reload; arms the conntrack hook. What they counted is read in `kernel_totals`.
 
 use std::{collections::HashMap, path::Path};
 
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap, PerCpuValues, RingBuf},
     programs::{BtfTracePoint, KProbe, Program, kprobe::KProbeLinkId},
 };
-use ctrace_common::{
-    Baseline, CtStat, MAX_HOOKED_NETNS, NetnsReasonKey, Reason, UNCERTAIN_BIT, baseline_state, losses, totals_index,
-};
+use ctrace_common::{Baseline, MAX_HOOKED_NETNS, Reason, baseline_state};
 
-use crate::{btf::Btf, ctstat::CtStats, layout, summary::Split};
+use crate::{btf::Btf, ctstat::CtStats, layout};
 
 /// The eBPF object, built by build.rs and embedded so the binary runs anywhere.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ctrace"));
@@ -33,7 +31,7 @@ pub struct KernelFilters {
 }
 
 pub struct Tracer {
-    ebpf: Ebpf,
+    pub(super) ebpf: Ebpf,
     /// Conntrack kprobes in kprobe mode, re-attached after nf_conntrack reloads.
     kprobe_links: Vec<(&'static str, KProbeLinkId)>,
     /// Why module events are not watched (None = they are).
@@ -137,7 +135,7 @@ reload can reset its sysctls"
             .load(EBPF_OBJECT)
             .context("the kernel refused ctrace's BPF programs")?;
 
-        seed_baselines(&mut ebpf, baselines)?;
+        super::kernel_totals::seed_baselines(&mut ebpf, baselines)?;
 
         let prog: &mut BtfTracePoint = ebpf
             .program_mut("skb_drop_kfree_skb")
@@ -374,57 +372,6 @@ reload can reset its sysctls"
         Ok(RingBuf::try_from(map)?)
     }
 
-    fn percpu_sum(&self, map: &str, index: u32) -> anyhow::Result<u64> {
-        let m: PerCpuArray<_, u64> = PerCpuArray::try_from(self.ebpf.map(map).context("map missing")?)?;
-        Ok(m.get(&index, 0)?.iter().sum())
-    }
-
-    /// Exact totals per reason, counted in the kernel whether or not events reached us, split by
-    /// whether the reason was certain.
-    pub fn reason_totals(&self) -> anyhow::Result<HashMap<Reason, Split>> {
-        let mut out = HashMap::new();
-        for r in Reason::ALL {
-            let split = Split {
-                exact: self.percpu_sum("REASON_TOTALS", totals_index(r, false))?,
-                uncertain: self.percpu_sum("REASON_TOTALS", totals_index(r, true))?,
-            };
-            out.insert(r, split);
-        }
-        Ok(out)
-    }
-
-    /// Exact totals per (netns, reason).
-    pub fn netns_totals(&self) -> anyhow::Result<HashMap<(u32, Reason), Split>> {
-        let m: PerCpuHashMap<_, NetnsReasonKey, u64> =
-            PerCpuHashMap::try_from(self.ebpf.map("NETNS_TOTALS").context("NETNS_TOTALS missing")?)?;
-        let mut out: HashMap<(u32, Reason), Split> = HashMap::new();
-        for item in m.iter() {
-            let (k, v) = item?;
-            let Some(r) = Reason::from_u8((k.reason & !UNCERTAIN_BIT) as u8) else {
-                continue;
-            };
-            let split = out.entry((k.netns, r)).or_default();
-            let n: u64 = v.iter().sum();
-            if k.reason & UNCERTAIN_BIT != 0 {
-                split.uncertain += n;
-            } else {
-                split.exact += n;
-            }
-        }
-        Ok(out)
-    }
-
-    /// Drops in the totals that are in no record and no aggregate: the ring buffer was full, or (above the rate
-    /// limit) the aggregation maps were.
-    pub fn lost_events(&self) -> anyhow::Result<u64> {
-        Ok(self.percpu_sum("LOSSES", losses::EVENTS)? + self.percpu_sum("LOSSES", losses::AGGREGATES)?)
-    }
-
-    /// Drops whose per-netns split was not recorded (more netns than the map holds).
-    pub fn lost_netns_split(&self) -> anyhow::Result<u64> {
-        self.percpu_sum("LOSSES", losses::NETNS_SPLIT)
-    }
-
     /// Why the conntrack hook cannot be armed on this kernel (None: it can).
     pub fn conntrack_hook_unavailable(&self) -> Option<&str> {
         self.conntrack_hook.as_ref().err().map(String::as_str)
@@ -485,35 +432,6 @@ reload can reset its sysctls"
             hook.disarm(netns);
         }
     }
-
-    /// The netns that have a counter baseline in the kernel.
-    pub fn baseline_netns(&self) -> anyhow::Result<Vec<u32>> {
-        let map: PerCpuHashMap<_, u32, Baseline> =
-            PerCpuHashMap::try_from(self.ebpf.map("BASELINE").context("BASELINE map missing")?)?;
-        Ok(map.keys().filter_map(Result::ok).collect())
-    }
-
-    /// Deletes the baselines of netns that are gone.
-    pub fn forget_baselines(&mut self, netns: &[u32]) -> anyhow::Result<()> {
-        let mut map: PerCpuHashMap<_, u32, Baseline> =
-            PerCpuHashMap::try_from(self.ebpf.map_mut("BASELINE").context("BASELINE map missing")?)?;
-        for n in netns {
-            // Already gone is fine: the kernel's LRU may have evicted it meanwhile.
-            let _ = map.remove(n);
-        }
-        Ok(())
-    }
-
-    /// How often attribution had to fall back, and why.
-    pub fn attribution_stats(&self) -> anyhow::Result<crate::summary::AttributionStats> {
-        Ok(crate::summary::AttributionStats {
-            no_baseline: self.percpu_sum("LOSSES", losses::NO_BASELINE)?,
-            probe_disagreements: self.percpu_sum("LOSSES", losses::DISAGREEMENTS)?,
-            baseline_resets: self.percpu_sum("LOSSES", losses::BASELINE_RESETS)?,
-            baselines_pruned: 0,
-            hooked_netns: 0,
-        })
-    }
 }
 
 /// Before 5.10 (and in RHEL 8's 4.18) a clash that conntrack resolves still counts as insert_failed,
@@ -529,36 +447,6 @@ fn set_conntrack_hook_functions(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     let mut fns: Array<_, u64> = Array::try_from(ebpf.map_mut("CT_HOOK_FNS").context("CT_HOOK_FNS map missing")?)?;
     for (i, addr) in found.into_iter().enumerate() {
         fns.set(i as u32, addr.unwrap_or(0), 0)?;
-    }
-    Ok(())
-}
-
-/// Writes each netns's current per-CPU counters as the starting point of attribution.
-fn seed_baselines(ebpf: &mut Ebpf, baselines: &HashMap<u32, CtStats>) -> anyhow::Result<()> {
-    let ncpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
-    let mut map: PerCpuHashMap<_, u32, Baseline> =
-        PerCpuHashMap::try_from(ebpf.map_mut("BASELINE").context("BASELINE map missing")?)?;
-    for (netns, stats) in baselines {
-        if stats.per_cpu.len() != ncpus {
-            // Cannot line rows up with CPUs: let the program start this netns from its first drop.
-            continue;
-        }
-        let values: Vec<Baseline> = (0..ncpus)
-            .map(|cpu| Baseline {
-                stat: CtStat {
-                    drop: stats.cpu(cpu, "drop") as u32,
-                    invalid: stats.cpu(cpu, "invalid") as u32,
-                    insert_failed: stats.cpu(cpu, "insert_failed") as u32,
-                    early_drop: stats.cpu(cpu, "early_drop") as u32,
-                    error: stats.cpu(cpu, "error") as u32,
-                    _pad: 0,
-                },
-                generation: 0,
-                state: baseline_state::SEEDED,
-                _pad: 0,
-            })
-            .collect();
-        map.insert(*netns, PerCpuValues::try_from(values)?, 0)?;
     }
     Ok(())
 }

@@ -12,6 +12,7 @@
 
 pub mod aggregates;
 pub mod conntrack_hook;
+pub mod kernel_totals;
 pub mod kprobe;
 pub mod loader;
 
