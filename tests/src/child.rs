@@ -41,15 +41,7 @@ impl Lines {
             .stdout(Stdio::piped())
             .spawn()
             .context("cannot start ctrace")?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = lines_of(child.stdout.take().context("no stdout")?);
         Ok(Lines { child, rx })
     }
 
@@ -272,4 +264,17 @@ impl CtraceText {
         })?;
         Ok((std::mem::take(&mut self.text), status))
     }
+}
+
+/// The lines a child writes to `pipe`, read on a thread of their own (so that waiting for one can time out).
+pub fn lines_of(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }

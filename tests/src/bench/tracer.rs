@@ -66,15 +66,7 @@ impl Running {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", program.display()))?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = crate::child::lines_of(child.stdout.take().context("no stdout")?);
         let stderr = Arc::new(Mutex::new(Vec::new()));
         if let Some(pipe) = child.stderr.take() {
             let keep = stderr.clone();

@@ -73,24 +73,7 @@ impl Stage {
         // Conntrack tracks the netns's traffic (a conntrack match in OUTPUT registers its hooks).
         let ns = TestNetns::new(&format!("bench-{}", workload.name().replace('_', "-")))?;
         if workload == Workload::RuleDrop {
-            let port = DROPPED_PORT.to_string();
-            ns.exec(&[
-                "iptables",
-                "-w",
-                "-I",
-                "OUTPUT",
-                "1",
-                "-p",
-                "udp",
-                "--dport",
-                &port,
-                "-m",
-                "comment",
-                "--comment",
-                RULE_COMMENT,
-                "-j",
-                "DROP",
-            ])?;
+            ns.drop_udp_to(DROPPED_PORT, RULE_COMMENT)?;
         }
         Ok(Stage {
             workload,
