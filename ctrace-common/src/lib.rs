@@ -153,7 +153,10 @@ pub struct KernelLayout {
     /// task_struct.nsproxy and nsproxy.net_ns: the netns of the task writing a sysctl.
     pub task_nsproxy: u32,
     pub nsproxy_net_ns: u32,
-    pub _pad: u32,
+    /// struct nf_conn: `timeout` (jiffies, 32 bits): an entry already expired when nf_ct_delete runs inside
+    /// early_drop is garbage collected there, not evicted (the kernel does not count it as early_drop). 0 =
+    /// unknown.
+    pub ct_timeout: u32,
     pub nf_hook_slow_start: u64,
     pub nf_hook_slow_end: u64,
 }

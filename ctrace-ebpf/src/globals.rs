@@ -35,7 +35,7 @@ pub(crate) static LAYOUT: KernelLayout = KernelLayout {
     entries_hooks: 0,
     task_nsproxy: 0,
     nsproxy_net_ns: 0,
-    _pad: 0,
+    ct_timeout: 0,
     nf_hook_slow_start: 0,
     nf_hook_slow_end: 0,
 };

@@ -14,14 +14,27 @@ pub enum DropMatch {
     Location { start: u64, end: u64 },
 }
 
-/// Offsets of `struct nf_conn` (tuple of the original direction, netns), from vmlinux when
-/// nf_conntrack is built in or from the module's split BTF while it is loaded. None when this
-/// kernel has no BTF for it (e.g. Debian's 5.10 cloud kernel has no module BTF).
-pub fn conntrack_offsets(vmlinux: &Btf) -> Option<(u32, u32)> {
-    let resolve = |btf: &Btf| -> Result<(u32, u32), BtfError> {
+/// Offsets of `struct nf_conn`, from vmlinux when nf_conntrack is built in or from the module's split BTF
+/// while it is loaded. None when this kernel has no BTF for it (e.g. Debian's 5.10 cloud kernel has no module BTF).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnOffsets {
+    /// The tuple of the original direction.
+    pub tuple: u32,
+    /// The netns.
+    pub net: u32,
+    /// The expiry time in jiffies.
+    pub timeout: u32,
+}
+
+pub fn conntrack_offsets(vmlinux: &Btf) -> Option<ConnOffsets> {
+    let resolve = |btf: &Btf| -> Result<ConnOffsets, BtfError> {
         let tuple =
             btf.member_offset("nf_conn", "tuplehash")? + btf.member_offset("nf_conntrack_tuple_hash", "tuple")?;
-        Ok((tuple, btf.member_offset("nf_conn", "ct_net.net")?))
+        Ok(ConnOffsets {
+            tuple,
+            net: btf.member_offset("nf_conn", "ct_net.net")?,
+            timeout: btf.member_offset("nf_conn", "timeout")?,
+        })
     };
     if let Ok(o) = resolve(vmlinux) {
         return Some(o);
@@ -68,13 +81,14 @@ pub fn resolve(btf: &Btf) -> anyhow::Result<(KernelLayout, DropMatch)> {
         entries_hooks: off("nf_hook_entries", "hooks").unwrap_or(0),
         task_nsproxy: off("task_struct", "nsproxy")?,
         nsproxy_net_ns: off("nsproxy", "net_ns")?,
-        _pad: 0,
+        ct_timeout: 0,
         nf_hook_slow_start: 0,
         nf_hook_slow_end: 0,
     };
-    if let Some((tuple, net)) = conntrack_offsets(btf) {
-        l.ct_tuple = tuple;
-        l.ct_net = net;
+    if let Some(o) = conntrack_offsets(btf) {
+        l.ct_tuple = o.tuple;
+        l.ct_net = o.net;
+        l.ct_timeout = o.timeout;
     }
     let matcher = match btf.enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP") {
         Ok(v) => {

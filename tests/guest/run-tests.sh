@@ -20,6 +20,11 @@ for bin in /usr/local/bin/ctrace-test-*; do
     target=${bin##*/ctrace-test-}
     tests=$($bin --list --format terse --include-ignored 2>/dev/null | sed -n 's/: test$//p')
     [ -n "$tests" ] || { mark error "$target listed no tests"; failed=$((failed + 1)); continue; }
+    # `cargo xtask test --vm-test TEXT`: only the tests whose `<target>::<test>` contains TEXT.
+    if [ -n "${VM_TEST_FILTER:-}" ]; then
+        tests=$(for t in $tests; do case "$target::$t" in *"$VM_TEST_FILTER"*) echo "$t" ;; esac; done)
+        [ -n "$tests" ] || continue
+    fi
     # shellcheck disable=SC2086 # one word per test name
     mark "list.$target" $tests
     for t in $tests; do

@@ -32,6 +32,12 @@ pub struct TestArgs {
     /// Run only the steps whose name contains this text (case-insensitive), e.g. `--step matrix`.
     #[arg(long, value_name = "TEXT")]
     step: Option<String>,
+    /// VM suites: boot only this kernel (5.10, 6.1 or 6.12).
+    #[arg(long, value_name = "VERSION")]
+    kernel: Option<crate::debian::KernelSpec>,
+    /// VM suites: run only the tests whose `<target>::<test>` contains this text, e.g. `--vm-test clash`.
+    #[arg(long, value_name = "TEXT")]
+    vm_test: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -86,10 +92,10 @@ impl Step {
         packages
     }
 
-    fn run(&self, ws: &Path) -> Result<()> {
+    fn run(&self, ws: &Path, only: &vm_suite::Selection) -> Result<()> {
         match self.run {
             Run::Function(run) => run(ws),
-            Run::Suite(suite) => vm_suite::run(ws, suite),
+            Run::Suite(suite) => vm_suite::run(ws, suite, only),
         }
     }
 }
@@ -157,11 +163,15 @@ pub fn test(ws: &Path, args: &TestArgs) -> Result<()> {
     setup::ebpf_env(ws)?;
     let setup_time = setup_start.elapsed();
 
+    let only = vm_suite::Selection {
+        kernel: args.kernel,
+        tests: args.vm_test.clone(),
+    };
     let mut results = Vec::new();
     for step in &steps {
         eprintln!("xtask: ==== {} ====", step.name);
         let start = Instant::now();
-        let result = step.run(ws);
+        let result = step.run(ws, &only);
         if let Err(err) = &result {
             eprintln!("xtask: {} failed: {err:#}", step.name);
         }

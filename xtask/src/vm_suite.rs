@@ -65,18 +65,38 @@ impl Suite {
         self.modules.iter().chain(extra).map(|m| m.to_string()).collect()
     }
 
-    fn script(&self) -> String {
+    fn script(&self, only: &Selection) -> String {
+        let filter = only.tests.as_deref().unwrap_or("");
         format!(
             "{}{}{RUN_TESTS}",
-            shell_vars(&[("MARK", MARK)], false),
+            shell_vars(&[("MARK", MARK), ("VM_TEST_FILTER", filter)], false),
             shell_vars(self.env, true)
         )
     }
 }
 
+/// What part of a suite to run (`cargo xtask test --kernel K --vm-test TEXT`); the default is all of it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Selection {
+    /// Only this kernel (of the suite's).
+    pub kernel: Option<KernelSpec>,
+    /// Only the tests whose `<target>::<test>` contains this text.
+    pub tests: Option<String>,
+}
+
 /// Runs a suite on each of its kernels; prints one line per test, each guest's timings and `N passed, M failed`, and
 /// fails when any test failed or a guest did not run them all.
-pub(crate) fn run(ws: &Path, suite: &Suite) -> Result<()> {
+pub(crate) fn run(ws: &Path, suite: &Suite, only: &Selection) -> Result<()> {
+    let kernels: Vec<KernelSpec> = suite
+        .kernels
+        .iter()
+        .copied()
+        .filter(|k| only.kernel.is_none_or(|o| o == *k))
+        .collect();
+    if kernels.is_empty() {
+        println!("vm-{}: does not run on the kernel asked for: skipped", suite.name);
+        return Ok(());
+    }
     crate::setup::ensure_debian_packages(&suite.packages())?;
     let build_start = Instant::now();
     let mut files = vec![(crate::dist::build_static(ws)?, GUEST_CTRACE.to_string())];
@@ -92,8 +112,8 @@ pub(crate) fn run(ws: &Path, suite: &Suite) -> Result<()> {
     );
     let mut results = Vec::new();
     let mut tails = Vec::new();
-    for &kernel in suite.kernels {
-        let (tests, tail) = run_kernel(suite, kernel, &files)?;
+    for kernel in kernels {
+        let (tests, tail) = run_kernel(suite, kernel, &files, only)?;
         if tests.iter().any(|t| !t.passed()) {
             tails.push(tail);
         }
@@ -137,10 +157,15 @@ fn build_tests(ws: &Path, targets: &[&str]) -> Result<Vec<(String, PathBuf)>> {
 }
 
 /// Boots one guest and turns each test's markers into a result. Errors are host problems (no kernel, no QEMU).
-fn run_kernel(suite: &Suite, spec: KernelSpec, files: &[(PathBuf, String)]) -> Result<(Vec<TestResult>, String)> {
+fn run_kernel(
+    suite: &Suite,
+    spec: KernelSpec,
+    files: &[(PathBuf, String)],
+    only: &Selection,
+) -> Result<(Vec<TestResult>, String)> {
     let name = format!("debian-{}", spec.short_name());
     let kernel = debian::fetch(spec, &debian::default_cache_root())?;
-    let mut run = VmRun::new(kernel.clone(), suite.script());
+    let mut run = VmRun::new(kernel.clone(), suite.script(only));
     run.files = files.to_vec();
     run.modules = suite.modules(spec);
     run.timeout = suite.timeout;
@@ -278,6 +303,10 @@ fn parse_result(value: &str) -> Result<(i32, f64)> {
 fn finish(suite: &str, results: &[TestResult], tails: &[String]) -> Result<()> {
     let failed: Vec<&TestResult> = results.iter().filter(|t| !t.passed()).collect();
     println!("{} passed, {} failed", results.len() - failed.len(), failed.len());
+    ensure!(
+        !results.is_empty(),
+        "no test of {suite} ran (does --vm-test match one?)"
+    );
     if let Some(first) = failed.first() {
         bail!(
             "{} of {} {suite} failed; first: {}: {}\n{}",
@@ -371,10 +400,8 @@ mod tests {
         assert_eq!(suite.modules(KernelSpec::Debian61), ["nf_conntrack", "nft_objref"]);
         assert_eq!(suite.modules(KernelSpec::Debian612), ["nf_conntrack"]);
         assert_eq!(suite.packages(), ["kmod"]);
-        assert!(
-            suite
-                .script()
-                .starts_with(&format!("MARK='{MARK}'\nexport A='b'\n# Runs the #[test]"))
-        );
+        assert!(suite.script(&Selection::default()).starts_with(&format!(
+            "MARK='{MARK}'\nVM_TEST_FILTER=''\nexport A='b'\n# Runs the #[test]"
+        )));
     }
 }

@@ -9,7 +9,8 @@
 //!   u32 repl_idx)` (5.10+): NF_DROP = unresolved clash, insert_failed.
 //! - `bool nf_ct_delete(struct nf_conn *ct, u32 portid, int report)`: runs for every deleted
 //!   entry, so the loader attaches it only while a table is nearly full; inside early_drop it
-//!   names the evicted entry.
+//!   names the evicted entry, reported at its return when it returned true (two CPUs that evict the same
+//!   entry at once both call it; only the one that marked it dying evicted it, and the kernel counts only that).
 //! - `void nf_l4proto_log_invalid(const struct sk_buff *skb, const struct nf_hook_state *state,
 //!   u8 protonum, const char *fmt, ...)` and `void nf_ct_l4proto_log_invalid(const struct sk_buff *skb,
 //!   const struct nf_conn *ct, const struct nf_hook_state *state, const char *fmt, ...)`: the kernel's
@@ -17,7 +18,7 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_jiffies64, bpf_ktime_get_ns, bpf_probe_read_kernel,
         bpf_probe_read_kernel_str_bytes,
     },
     macros::{kprobe, kretprobe, map},
@@ -58,6 +59,10 @@ pub static TABLE_FULL_MARK: PerCpuArray<CpuMark> = PerCpuArray::with_max_entries
 /// An early_drop call in progress on this CPU: an nf_ct_delete inside it is an eviction.
 #[map]
 static IN_EARLY_DROP: PerCpuArray<CpuMark> = PerCpuArray::with_max_entries(1, 0);
+
+/// The entry of an nf_ct_delete call inside early_drop in progress on this CPU (in `skb`), until it returns.
+#[map]
+static EVICTING: PerCpuArray<CpuMark> = PerCpuArray::with_max_entries(1, 0);
 
 /// The skb of an nf_ct_resolve_clash call in progress on this CPU (kretprobes see no arguments).
 #[map]
@@ -199,19 +204,59 @@ fn record_invalid(ctx: &ProbeContext, fmt_idx: u32) {
     let _ = PENDING_SKB.insert(skb, v, 0);
 }
 
-#[kprobe]
-pub fn conntrack_ct_delete(ctx: ProbeContext) -> u32 {
+/// Whether this task is inside early_drop on this CPU (its mark is set and not yet taken at its return).
+#[inline(always)]
+fn in_early_drop() -> bool {
     let Some(m) = IN_EARLY_DROP.get_ptr(0) else {
-        return 0;
+        return false;
     };
     // SAFETY: this CPU's slot, read only.
     let mark = unsafe { *m };
-    if mark.ts_ns == 0 || mark.task != bpf_get_current_pid_tgid() {
+    mark.ts_ns != 0 && mark.task == bpf_get_current_pid_tgid()
+}
+
+#[kprobe]
+pub fn conntrack_ct_delete(ctx: ProbeContext) -> u32 {
+    if !in_early_drop() {
         return 0;
     }
-    if let Some(ct) = ctx.arg::<u64>(0) {
+    if let Some(ct) = ctx.arg::<u64>(0)
+        && !expired(ct)
+    {
+        set_mark(&EVICTING, ct);
+    }
+    0
+}
+
+/// Whether the entry had expired (`nf_ct_is_expired`): early_drop deletes expired entries it passes over as
+/// garbage, and those are no evictions. Unknown offset: not expired.
+#[inline(always)]
+fn expired(ct: u64) -> bool {
+    let off = layout!(ct_timeout);
+    if off == 0 {
+        return false;
+    }
+    // SAFETY: bpf_probe_read_kernel checks the read; bpf_jiffies64 has no preconditions.
+    unsafe {
+        let Ok(timeout) = bpf_probe_read_kernel((ct + off as u64) as *const u32) else {
+            return false;
+        };
+        // nfct_time_stamp is jiffies truncated to 32 bits.
+        (timeout.wrapping_sub(bpf_jiffies64() as u32) as i32) <= 0
+    }
+}
+
+#[kretprobe]
+pub fn conntrack_ct_delete_ret(ctx: RetProbeContext) -> u32 {
+    // Still inside the same early_drop: a mark left by a return that was missed is not taken for another call.
+    let Some(mark) = take_mark(&EVICTING).filter(|_| in_early_drop()) else {
+        return 0;
+    };
+    // bool in the return register's low byte: false when another CPU had marked the entry dying first.
+    let deleted: u64 = ctx.ret();
+    if deleted & 0xff != 0 {
         // SAFETY: reads go through bpf_probe_read_kernel.
-        unsafe { report_eviction(ct) };
+        unsafe { report_eviction(mark.skb) };
     }
     0
 }

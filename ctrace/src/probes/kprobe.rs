@@ -75,7 +75,7 @@ fn targets(s: &Symbols) -> Vec<(&'static str, Option<&str>)> {
     ]
 }
 
-fn program<'a>(ebpf: &'a mut Ebpf, prog: &str) -> anyhow::Result<&'a mut KProbe> {
+pub(super) fn program<'a>(ebpf: &'a mut Ebpf, prog: &str) -> anyhow::Result<&'a mut KProbe> {
     Ok(ebpf
         .program_mut(prog)
         .with_context(|| format!("program {prog} missing from the eBPF object"))?
@@ -92,6 +92,7 @@ pub fn load_all(ebpf: &mut Ebpf) -> anyhow::Result<()> {
         "conntrack_l4proto_log_invalid",
         "conntrack_ct_l4proto_log_invalid",
         "conntrack_ct_delete",
+        "conntrack_ct_delete_ret",
     ] {
         program(ebpf, prog)?
             .load()

@@ -8,7 +8,7 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap, PerCpuValues, RingBuf},
-    programs::{BtfTracePoint, KProbe, Program, kprobe::KProbeLinkId},
+    programs::{BtfTracePoint, Program, kprobe::KProbeLinkId},
 };
 use ctrace_common::{Baseline, MAX_HOOKED_NETNS, Reason, baseline_state};
 
@@ -44,7 +44,8 @@ pub struct Tracer {
     sysctls_watched: bool,
     /// nf_ct_delete, when evictions can be listed (kprobe mode, offsets of struct nf_conn known).
     eviction_target: Option<String>,
-    eviction_link: Option<KProbeLinkId>,
+    /// The eviction probe's links (nf_ct_delete's kprobe and kretprobe) while it is armed.
+    eviction_links: Vec<(&'static str, KProbeLinkId)>,
     /// The conntrack hook (6.4+), or why this kernel cannot have it.
     conntrack_hook: Result<super::conntrack_hook::ConntrackHook, String>,
     /// The nf_conntrack functions the kprobes are on (kprobe mode).
@@ -188,7 +189,7 @@ reload can reset its sysctls"
             sysctls_unwatched,
             sysctls_watched,
             eviction_target,
-            eviction_link: None,
+            eviction_links: vec![],
             conntrack_hook,
             kprobe_symbols,
             conntrack_gone: false,
@@ -220,7 +221,7 @@ reload can reset its sysctls"
             }
         }
         if let Some(target) = &self.eviction_target {
-            v.push(state(target, "kprobe", self.eviction_link.is_some()));
+            v.push(state(target, "kprobe", !self.eviction_links.is_empty()));
         }
         // Without loadable modules there is nothing to watch: not a blind spot, so not listed.
         if crate::modules::kernel_has_modules() {
@@ -254,7 +255,7 @@ reload can reset its sysctls"
     /// Detaches and unloads every program, keeping the maps: totals, aggregates and records read afterwards
     /// are final and agree with each other.
     pub fn stop_programs(&mut self) {
-        self.eviction_link = None;
+        self.eviction_links.clear();
         self.kprobe_links.clear();
         if let Ok(hook) = self.conntrack_hook.as_mut() {
             for netns in hook.armed().collect::<Vec<_>>() {
@@ -281,26 +282,34 @@ reload can reset its sysctls"
         self.eviction_target.is_some()
     }
 
-    /// Attaches (or detaches) the kprobe on nf_ct_delete that names evicted entries. It runs for
-    /// every deleted entry, so it is only attached while a table is nearly full.
+    /// Attaches (or detaches) the probes on nf_ct_delete that name evicted entries. They run for every deleted
+    /// entry, so they are only attached while a table is nearly full.
     pub fn watch_evictions(&mut self, on: bool) -> anyhow::Result<()> {
         let Some(target) = self.eviction_target.clone() else {
             return Ok(());
         };
-        let p: &mut KProbe = self
-            .ebpf
-            .program_mut("conntrack_ct_delete")
-            .context("program conntrack_ct_delete missing")?
-            .try_into()?;
-        match (on, self.eviction_link.take()) {
-            (true, None) => {
-                self.eviction_link = Some(
-                    p.attach(&target, 0)
-                        .with_context(|| format!("cannot attach to {target}"))?,
-                )
+        let armed = !self.eviction_links.is_empty();
+        if on == armed {
+            return Ok(());
+        }
+        if on {
+            // The return probe first: every call the entry probe sees then has its return seen too.
+            for prog in ["conntrack_ct_delete_ret", "conntrack_ct_delete"] {
+                let link = super::kprobe::program(&mut self.ebpf, prog)?
+                    .attach(&target, 0)
+                    .with_context(|| format!("cannot attach to {target}"));
+                match link {
+                    Ok(link) => self.eviction_links.push((prog, link)),
+                    Err(e) => {
+                        super::kprobe::detach_all(&mut self.ebpf, std::mem::take(&mut self.eviction_links));
+                        return Err(e);
+                    }
+                }
             }
-            (false, Some(link)) => p.detach(link)?,
-            (_, link) => self.eviction_link = link,
+        } else {
+            let mut links = std::mem::take(&mut self.eviction_links);
+            links.reverse();
+            super::kprobe::detach_all(&mut self.ebpf, links);
         }
         Ok(())
     }
@@ -309,7 +318,8 @@ reload can reset its sysctls"
     /// module's functions and start attribution baselines from zero, for the netns that had one and for
     /// `known_netns` (a load starts the kernel's counters at zero). Returns the functions probed.
     pub fn reattach_conntrack(&mut self, known_netns: &[u32]) -> anyhow::Result<Vec<String>> {
-        self.eviction_link = None;
+        // The old module's probes are gone with it.
+        self.eviction_links.clear();
         let ncpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow!("{what}: {e}"))?;
         let mut baseline: PerCpuHashMap<_, u32, Baseline> =
             PerCpuHashMap::try_from(self.ebpf.map_mut("BASELINE").context("BASELINE map missing")?)?;
