@@ -8,12 +8,16 @@
 //!   it is persisted, also for a per-netns key in another netns, and the same in the text output;
 //! - `table_full`: table-full drops before and after a reload: ctrace's totals equal the kernel counter deltas of
 //!   both module instances, and the drops after the `reattached` event are reported;
-//! - `hashsize`: `options nf_conntrack hashsize=N` in /etc/modprobe.d survives the reload and is not called a reset.
+//! - `hashsize`: `options nf_conntrack hashsize=N` in /etc/modprobe.d survives the reload and is not called a reset;
+//! - `boot_order`: ctrace started while nf_conntrack is not loaded says kprobe mode, attaches its kprobes when the
+//!   firewall loads the module (`reattached`), and decides the drops that follow by them, equal to the rules' and
+//!   the kernel's counters.
 //!
 //! Every case starts from the guest as it boots (nf_conntrack, xt_conntrack and iptable_filter loaded, no rules) and
 //! leaves it so. Guest-only (ignored here): the host's nf_conntrack is built in; `cargo xtask test --step reload`
 //! runs them in the guests with `--include-ignored`.
 
+mod boot_order;
 mod hashsize;
 mod reset;
 mod sysctl_write;
