@@ -180,6 +180,11 @@ impl Ctrace {
         Ok(hit.and_then(|_| self.events.last().cloned()))
     }
 
+    /// The ctrace process's id (its `/proc/PID/status` has the memory it uses).
+    pub fn pid(&self) -> u32 {
+        self.lines.child.id()
+    }
+
     /// Whether ctrace still runs.
     pub fn is_running(&mut self) -> bool {
         self.lines.is_running()

@@ -11,6 +11,7 @@ use std::{fs, net::SocketAddrV4, path::PathBuf};
 use anyhow::Context as _;
 
 pub mod bench;
+pub mod bpf_objects;
 pub mod caps;
 pub mod checks;
 pub mod child;
@@ -19,6 +20,8 @@ pub mod flood;
 pub mod guest;
 pub mod packets;
 pub mod prometheus;
+pub mod scraper;
+pub mod soak;
 pub mod threads;
 pub mod topology;
 pub mod traffic;

@@ -30,9 +30,17 @@ pub fn tempdir(tag: &str) -> PathBuf {
 
 /// The body of `GET path` from `addr` (plain HTTP/1.0: the tests need no HTTP client crate).
 pub fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    http_get_accepting(addr, path, "*/*")
+}
+
+/// What Prometheus asks an exporter for: OpenMetrics (whose exposition ends in `# EOF`), else the text format.
+pub const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5";
+
+/// The body of `GET path` from `addr`, asking for the formats in `accept`.
+pub fn http_get_accepting(addr: &str, path: &str, accept: &str) -> anyhow::Result<String> {
     let mut s = TcpStream::connect(addr).with_context(|| format!("cannot connect to {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: {accept}\r\n\r\n")?;
     let mut response = String::new();
     s.read_to_string(&mut response)?;
     let Some((head, body)) = response.split_once("\r\n\r\n") else {

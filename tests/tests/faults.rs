@@ -8,32 +8,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ctrace_tests::{Ctrace, TestNetns, ctrace_bin, require_root};
-use serde_json::Value;
+use ctrace_tests::{Ctrace, TestNetns, bpf_objects, ctrace_bin, require_root};
 
-/// The ids of the BPF objects of one kind (`prog`, `link`, `map`) the kernel has now, from bpftool.
 fn bpf_ids(kind: &str) -> BTreeSet<u64> {
-    let out = Command::new("bpftool")
-        .args([kind, "show", "--json"])
-        .output()
-        .expect("cannot run bpftool: `cargo xtask test` installs Debian's bpftool package");
-    assert!(out.status.success(), "bpftool {kind} show failed");
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v.as_array()
-        .map(|a| a.iter().filter_map(|o| o["id"].as_u64()).collect())
-        .unwrap_or_default()
+    bpf_objects::ids(kind).unwrap()
 }
 
-/// Waits until none of `ids` is left among the kernel's objects of `kind` (their release can lag the exit).
 fn gone_within(kind: &str, ids: &BTreeSet<u64>, timeout: Duration) -> BTreeSet<u64> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left: BTreeSet<u64> = bpf_ids(kind).intersection(ids).copied().collect();
-        if left.is_empty() || Instant::now() > deadline {
-            return left;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    bpf_objects::gone_within(kind, ids, timeout).unwrap()
 }
 
 #[test]

@@ -35,6 +35,9 @@ pub(crate) enum Tool {
     Kmod,
     /// conntrack (conntrack-tools), in /usr/local/sbin: flushes the table between benchmark rounds.
     Conntrack,
+    /// bpftool, in /usr/local/sbin: the kernel's list of BPF programs and links, the truth about what ctrace left
+    /// attached.
+    Bpftool,
 }
 
 impl Tool {
@@ -46,6 +49,7 @@ impl Tool {
             Tool::Iproute2 => "iproute2",
             Tool::Kmod => "kmod",
             Tool::Conntrack => "conntrack",
+            Tool::Bpftool => "bpftool",
         }
     }
 
@@ -66,6 +70,7 @@ impl Tool {
             Tool::Nftables => vec![at("/usr/sbin/nft", "/usr/local/sbin/nft")],
             Tool::Iproute2 => vec![at("/usr/sbin/ip", "/usr/local/sbin/ip")],
             Tool::Conntrack => vec![at("/usr/sbin/conntrack", "/usr/local/sbin/conntrack")],
+            Tool::Bpftool => vec![at("/usr/sbin/bpftool", "/usr/local/sbin/bpftool")],
             Tool::Kmod => ["modprobe", "lsmod"]
                 .map(|name| at("/usr/bin/kmod", &format!("{GUEST_KMOD_DIR}/{name}")))
                 .to_vec(),

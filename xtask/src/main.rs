@@ -13,6 +13,7 @@ mod guest;
 mod package;
 mod run;
 mod setup;
+mod soak;
 mod suites;
 mod test;
 mod vm;
@@ -46,6 +47,10 @@ enum Command {
     /// interleaved rounds, medians, target/bench/report.md and report.json. Needs root; on a machine shared with
     /// other kernel tests, `--lock /tmp/ctrace-kernel.lock` holds their lock while the host part runs.
     Bench(bench::BenchArgs),
+    /// Runs the soak in a Debian guest: drop floods, netns churn and an nf_conntrack unload and reload every
+    /// minute for --minutes, while a scraper polls ctrace's metrics; totals, RSS, scrapes and what is left
+    /// attached are checked at the end.
+    Soak(soak::SoakArgs),
     /// Shows ctrace at work: on this host (`ctrace demo`), or with `--vm` the whole reload trap in a
     /// Debian guest (raise the limit, stop the firewall, watch the reset and the drops).
     Demo(DemoArgs),
@@ -71,6 +76,7 @@ fn main() -> ExitCode {
         Command::Dist => dist::dist(&ws).map(drop),
         Command::Test(args) => test::test(&ws, &args),
         Command::Bench(args) => bench::bench(&ws, &args),
+        Command::Soak(args) => soak::soak(&ws, &args),
         Command::Demo(args) if args.vm => demo_vm::run(&ws, &args.kernel),
         Command::Demo(_) => run::run_ctrace(&ws, &["demo"]),
     };

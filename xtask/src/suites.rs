@@ -83,3 +83,38 @@ pub(crate) const RELOAD: Suite = Suite {
     memory_mb: 1024,
     timeout: Duration::from_secs(420),
 };
+
+/// The soak (`tests/tests/soak.rs`): drop floods, netns churn and a firewall restart (nf_conntrack unloaded and
+/// reloaded) every minute while a scraper polls `--metrics`; totals against the kernel's counters and the rules',
+/// RSS, scrapes, and bpftool's listing after. `cargo xtask test` runs [`SOAK_MINUTES`] minutes; `cargo xtask soak
+/// --minutes N` any length (`soak::suite`).
+pub(crate) const SOAK: Suite = Suite {
+    step: "VM soak",
+    name: "soak",
+    targets: &["soak"],
+    kernels: &[KernelSpec::Debian61],
+    // The rules' matches are loaded at boot: the guests cannot load modules on demand reliably.
+    modules: &[
+        "nf_conntrack",
+        "xt_conntrack",
+        "iptable_filter",
+        "xt_tcpudp",
+        "xt_comment",
+    ],
+    kernel_modules: &[],
+    tools: &[Tool::LegacyIptables, Tool::Iproute2, Tool::Bpftool],
+    env: &[("CTRACE_TEST_EXPECT_MODE", "kprobe"), (SOAK_MINUTES_ENV, "2")],
+    cpus: 2,
+    memory_mb: 1024,
+    timeout: soak_timeout(SOAK_MINUTES),
+};
+
+/// The short soak's length in `cargo xtask test` (as SOAK's environment says it to the test).
+pub(crate) const SOAK_MINUTES: u64 = 2;
+/// The variable that tells the soak test its length in minutes.
+pub(crate) const SOAK_MINUTES_ENV: &str = "CTRACE_SOAK_MINUTES";
+
+/// A soak's time limit: its minutes (each may run over while ctrace reattaches under emulation), boot and start.
+pub(crate) const fn soak_timeout(minutes: u64) -> Duration {
+    Duration::from_secs(minutes * 90 + 300)
+}

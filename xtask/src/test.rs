@@ -125,6 +125,7 @@ const STEPS: &[Step] = &[
     Step::vm(&suites::DROPS_AND_CHECK),
     Step::vm(&suites::MATRIX),
     Step::vm(&suites::RELOAD),
+    Step::vm(&suites::SOAK),
 ];
 
 pub fn test(ws: &Path, args: &TestArgs) -> Result<()> {

@@ -51,6 +51,8 @@ const MARK: &str = "@@ctrace-test";
 const RUN_TESTS: &str = include_str!("../../tests/guest/run-tests.sh");
 /// Where the guest gets the test binaries: `<dir>/ctrace-test-<target>`, which the guest script runs.
 const GUEST_TESTS: &str = "/usr/local/bin/ctrace-test-";
+/// Facts longer than this in all are printed one per line.
+const LONG_FACTS: usize = 400;
 /// Output lines of a failed test shown in the log (the whole output is in the console log).
 const FAILED_OUTPUT_LINES: usize = 30;
 
@@ -225,11 +227,16 @@ impl TestResult {
     }
 
     fn line(&self) -> String {
-        let facts = self.facts.join(", ");
-        if self.passed() {
-            format!("{}: ok ({facts})", self.name)
+        // Long facts (a soak's report) read better one per line.
+        let facts = if self.facts.iter().map(String::len).sum::<usize>() > LONG_FACTS {
+            self.facts.iter().map(|f| format!("\n    {f}")).collect()
         } else {
-            format!("{}: FAILED: {} ({facts})", self.name, self.failures.join("; "))
+            format!(" ({})", self.facts.join(", "))
+        };
+        if self.passed() {
+            format!("{}: ok{facts}", self.name)
+        } else {
+            format!("{}: FAILED: {}{facts}", self.name, self.failures.join("; "))
         }
     }
 }

@@ -175,14 +175,17 @@ fn bpf_table(runs: &[Run]) -> String {
             if md.is_empty() {
                 md += "\n**Kernel side** (BPF program run time per packet from `kernel.bpf_stats_enabled`, which adds \
                        its own clock reads to every run)\n\n";
-                md += "| where | workload | bpftrace ns per packet | ctrace ns per packet | share of the packet's CPU time |\n|---|---|---|---|---|\n";
+                md += "| where | workload | bpftrace ns per packet | ctrace ns per packet | share of the packet's CPU \
+                       time: bpftrace, ctrace |\n|---|---|---|---|---|\n";
             }
+            let percent = |v: Option<f64>| v.map_or("–".into(), |v| format!("{:.2} %", v * 100.0));
             md += &format!(
-                "| {} | {} | {} | {ctrace:.0} | {} |\n",
+                "| {} | {} | {} | {ctrace:.0} | {}, {} |\n",
                 place(run),
                 describe(w, run.of(w, OFF).first().copied(), run.machine.nf_conntrack_max),
                 r.bpf_ns.get(BPFTRACE).map_or("–".into(), |v| format!("{v:.0}")),
-                r.ctrace_bpf_share.map_or("–".into(), |v| format!("{:.2} %", v * 100.0)),
+                percent(r.bpftrace_bpf_share),
+                percent(r.ctrace_bpf_share),
             );
         }
     }

@@ -82,6 +82,10 @@ pub struct Row {
     /// Median share of the senders' CPU time per packet that ctrace's programs took (with `--bpf-stats`): what
     /// ctrace costs the traffic, measured with a precision the rates do not have.
     pub ctrace_bpf_share: Option<f64>,
+    /// The same share for the bpftrace one-liner's program. On packets that are not netfilter drops it loads one
+    /// field and compares it, so its time is the floor that the statistics' own clock reads put under every
+    /// program's: ctrace's share above it is what ctrace's program itself costs.
+    pub bpftrace_bpf_share: Option<f64>,
 }
 
 pub fn row(run: &Run, workload: &str) -> Row {
@@ -163,13 +167,17 @@ pub fn row(run: &Run, workload: &str) -> Row {
             r.bpf_ns.insert(c, m);
         }
     }
-    r.ctrace_bpf_share = median(
-        ctrace
-            .iter()
-            .filter(|s| s.cpu_rate > 0.0)
-            .filter_map(|s| Some(s.tracer.as_ref()?.bpf?.run_time_ns as f64 / s.packets as f64 * s.cpu_rate / 1e9))
-            .collect(),
-    );
+    let share = |c: &str| {
+        median(
+            run.of(workload, c)
+                .iter()
+                .filter(|s| s.cpu_rate > 0.0)
+                .filter_map(|s| Some(s.tracer.as_ref()?.bpf?.run_time_ns as f64 / s.packets as f64 * s.cpu_rate / 1e9))
+                .collect(),
+        )
+    };
+    r.ctrace_bpf_share = share(CTRACE);
+    r.bpftrace_bpf_share = share(BPFTRACE);
     r
 }
 
