@@ -5,6 +5,9 @@
 //! `aggregate`, `summary`.
 
 mod state;
+mod status;
+#[cfg(test)]
+mod tests;
 
 use std::time::{Duration, Instant};
 

@@ -19,10 +19,10 @@ use crate::{
     reload::{Finish, Lifecycle, LiveHost, ReloadWatch},
     report::{
         AggregatedDrops, CountedDrops, DropContext, DropRecord, Event, ModuleRecord, PacketDrop, ReattachedRecord,
-        Status, SysctlWriteRecord,
+        SysctlWriteRecord,
     },
     sinks::Sinks,
-    summary::{Split, Tally},
+    summary::Tally,
     sysctl_watch,
 };
 
@@ -275,28 +275,6 @@ impl Session {
         }
     }
 
-    /// Records what `bound` cost so far; the first time it is reached, says so.
-    fn observe_bound(&mut self, bound: Bound, count: u64) {
-        if let Some(notice) = self.bounds.observe(bound, count) {
-            self.sinks.emit(Event::notice(notice));
-        }
-    }
-
-    /// Every bound on per-netns state: what it cost so far, and a notice the first time it is reached.
-    pub(super) fn observe_bounds(&mut self, tracer: &Tracer) {
-        let costs = [
-            (Bound::NetnsTotals, tracer.lost_netns_split().unwrap_or(0)),
-            (Bound::Baselines, self.pruner.evicted),
-            (Bound::HookedNetns, self.hook.refused),
-            (Bound::CounterReads, self.counters.ticks_over_budget),
-            (Bound::RetiredNetns, self.counters.folded),
-            (Bound::NetnsLookups, self.registry.deferred),
-        ];
-        for (bound, cost) in costs {
-            self.observe_bound(bound, cost);
-        }
-    }
-
     /// Reports early_drop evictions that were not listed one by one (after `poll_counters` and a drain).
     pub(super) fn report_counted_evictions(&mut self) {
         if !self.early_drop_wanted {
@@ -353,74 +331,6 @@ impl Session {
         self.sinks.emit(Event::notice(notice));
     }
 
-    /// How often attribution fell back, counted in the kernel and here.
-    pub(super) fn attribution_stats(&self, tracer: &Tracer) -> anyhow::Result<crate::summary::AttributionStats> {
-        let mut a = tracer.attribution_stats()?;
-        a.baselines_pruned = self.pruner.pruned;
-        a.hooked_netns = self.hook.armed;
-        Ok(a)
-    }
-
-    /// The run's state for the sinks that show it: the kernel's exact totals, per netns where the kernel kept
-    /// the split, early_drop and the fill from the kernel's counters.
-    pub(super) fn status(&self, tracer: &Tracer) -> anyhow::Result<Status> {
-        let mut status = Status {
-            mode: self.mode,
-            drops: tracer.reason_totals()?.into_iter().collect(),
-            netns_split_lost: tracer.lost_netns_split()?,
-            conntrack_max: self.max,
-            events_lost: tracer.lost_events()?,
-            attribution: self.attribution_stats(tracer)?,
-            module_requests_unprivileged: self.modules.unprivileged,
-            probes: tracer.probes(),
-            bounds: self.bounds,
-            ..Default::default()
-        };
-        for ((netns, reason), split) in tracer.netns_totals()? {
-            status.netns.entry(netns).or_default().drops.insert(reason, split);
-        }
-        let mut early_drop = 0;
-        for (netns, delta) in self.counters.deltas() {
-            let n = status.netns.entry(netns).or_default();
-            if self.early_drop_wanted {
-                early_drop += delta.early_drop;
-                n.drops.insert(
-                    Reason::EarlyDrop,
-                    Split {
-                        exact: delta.early_drop,
-                        uncertain: 0,
-                    },
-                );
-            }
-            n.kernel = Some(delta);
-            n.entries = self.counters.entries(netns);
-        }
-        if self.early_drop_wanted {
-            status.drops.insert(
-                Reason::EarlyDrop,
-                Split {
-                    exact: early_drop,
-                    uncertain: 0,
-                },
-            );
-        }
-        for (netns, n) in &mut status.netns {
-            n.name = self.registry.name(*netns);
-        }
-        Ok(status)
-    }
-
-    /// Hands the sinks that show state a fresh status.
-    pub(super) fn publish_status(&mut self, tracer: &Tracer) {
-        if !self.sinks.wants_status() {
-            return;
-        }
-        match self.status(tracer) {
-            Ok(status) => self.sinks.status(&status),
-            Err(e) => log::warn!("cannot read the in-kernel totals: {}", crate::brief(&e)),
-        }
-    }
-
     /// Once a second.
     pub(super) fn tick(&mut self, ticks: u64, events: &mut RingBuf<MapData>, tracer: &mut Tracer) {
         // Nobody reads the output any more (`| head`): the loop ends as a finished run.
@@ -444,108 +354,5 @@ impl Session {
         self.observe_bounds(tracer);
         self.publish_status(tracer);
         self.sinks.flush();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{
-        event::tests::{raw, record_bytes},
-        kernel_counters::tests::stats,
-        sinks::{JsonSink, tests::Buf},
-    };
-    use ctrace_common::flags;
-    use serde_json::Value;
-
-    fn session(rate_limit: u64) -> (Session, Buf) {
-        let buf = Buf::default();
-        let sinks = Sinks::new(vec![Box::new(JsonSink::new(buf.clone()))]);
-        let s = Session::new(
-            sinks,
-            Registry::default(),
-            None,
-            true,
-            rate_limit,
-            ReloadWatch::default(),
-        );
-        (s, buf)
-    }
-
-    fn records(buf: &Buf) -> Vec<Value> {
-        buf.text().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-    }
-
-    #[test]
-    fn drops_print_until_the_rate_limit_then_fold_into_aggregates() {
-        let (mut s, buf) = session(3);
-        for port in 0..10 {
-            let mut ev = raw();
-            ev.event.dport = port;
-            s.handle_record(&record_bytes(&ev));
-        }
-        s.flush_aggregates();
-        s.sinks.flush();
-        let r = records(&buf);
-        let packets: Vec<&Value> = r
-            .iter()
-            .filter(|v| v["event"] == "drop" && v.get("aggregated").is_none())
-            .collect();
-        assert_eq!(packets.len(), 3);
-        assert_eq!(packets[0]["reason"], "table_full");
-        assert_eq!(packets[0]["comm"], "py?thon", "kernel strings are sanitised");
-        assert!(
-            r.iter()
-                .any(|v| v["event"] == "notice" && v["message"].as_str().unwrap().starts_with("more than 3 drops"))
-        );
-        let agg: Vec<&Value> = r.iter().filter(|v| v["aggregated"] == true).collect();
-        assert_eq!(agg.len(), 1);
-        assert_eq!(agg[0]["count"], 7);
-        assert_eq!(agg[0]["dports"], serde_json::json!([3, 4, 5, 6, 7, 8, 9]));
-        let top = s.tally.top_dports();
-        assert_eq!(
-            top.iter().map(|(_, c)| c).sum::<u64>(),
-            10,
-            "every drop is tallied, printed or not"
-        );
-    }
-
-    #[test]
-    fn listed_evictions_and_counted_remainders_add_up_to_the_kernel_counter() {
-        let (mut s, buf) = session(0);
-        let netns = raw().event.netns;
-        s.counters.seed(netns, stats(90, 10));
-        let mut ev = raw();
-        ev.event.reason = Reason::EarlyDrop as u8;
-        ev.event.flags |= flags::EVICTED;
-        for _ in 0..2 {
-            s.handle_record(&record_bytes(&ev));
-        }
-        s.counters.update(netns, stats(100, 15));
-        s.report_counted_evictions();
-        s.sinks.flush();
-        let r = records(&buf);
-        let listed = r.iter().filter(|v| v["evicted"] == true).count() as u64;
-        let counted: u64 = r
-            .iter()
-            .filter(|v| v["source"] == "counters")
-            .map(|v| v["count"].as_u64().unwrap())
-            .sum();
-        assert_eq!((listed, counted), (2, 3));
-        assert!(
-            s.tally.top_flows().is_empty(),
-            "evicted entries are not dropped packets"
-        );
-    }
-
-    #[test]
-    fn garbage_records_are_skipped() {
-        let (mut s, buf) = session(0);
-        s.handle_record(&[1, 2, 3]);
-        let mut ev = raw();
-        ev.event.reason = 99;
-        s.handle_record(&record_bytes(&ev));
-        s.sinks.flush();
-        assert!(buf.text().is_empty());
     }
 }
