@@ -115,8 +115,6 @@ impl TestNetns {
         .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
     }
 
-    /// The packet counter of the rule whose comment is `comment` (`-m comment --comment`), read with
-    /// `iptables -vnxL`: the ruleset's own count of what it dropped. `tool` is iptables or ip6tables.
     /// An iptables rule that drops every UDP packet this netns sends to `port`; its packet counter (read with
     /// `rule_packets(.., "filter", "OUTPUT", comment)`) is the truth for the netfilter_rule drops.
     pub fn drop_udp_to(&self, port: u16, comment: &str) -> anyhow::Result<()> {
@@ -140,6 +138,8 @@ impl TestNetns {
         .map(drop)
     }
 
+    /// The packet counter of the rule whose comment is `comment` (`-m comment --comment`), read with
+    /// `iptables -vnxL`: the ruleset's own count of what it dropped. `tool` is iptables or ip6tables.
     pub fn rule_packets(&self, tool: &str, table: &str, chain: &str, comment: &str) -> anyhow::Result<u64> {
         let text = self.exec(&[tool, "-w", "-t", table, "-vnxL", chain])?;
         rule_packets(&text, comment)
