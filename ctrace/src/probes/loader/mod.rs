@@ -2,17 +2,19 @@
 //! running kernel's BTF, plus the conntrack kprobes in kprobe mode; seeds the per-CPU baselines; attaches
 //! again after a reload; arms the conntrack hook. What they counted is read in `kernel_totals`.
 
-use std::{collections::HashMap, path::Path};
+use std::collections::HashMap;
 
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuHashMap, PerCpuValues, RingBuf},
+    maps::{MapData, PerCpuHashMap, PerCpuValues, RingBuf},
     programs::{BtfTracePoint, Program, kprobe::KProbeLinkId},
 };
-use ctrace_common::{Baseline, MAX_HOOKED_NETNS, Reason, baseline_state};
+use ctrace_common::{Baseline, Reason, baseline_state};
 
 use crate::{btf::Btf, ctstat::CtStats, layout};
+
+mod hook;
 
 /// The eBPF object, built by build.rs and embedded so the binary runs anywhere.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ctrace"));
@@ -337,7 +339,7 @@ reload can reset its sysctls"
         }
         // The new module's hook functions are elsewhere.
         if self.hook_functions_set {
-            set_conntrack_hook_functions(&mut self.ebpf)?;
+            hook::set_conntrack_hook_functions(&mut self.ebpf)?;
         }
         if !self.kprobe_mode {
             return Ok(vec![]);
@@ -381,82 +383,10 @@ reload can reset its sysctls"
         let map = self.ebpf.take_map("EVENTS").context("EVENTS map missing")?;
         Ok(RingBuf::try_from(map)?)
     }
-
-    /// Why the conntrack hook cannot be armed on this kernel (None: it can).
-    pub fn conntrack_hook_unavailable(&self) -> Option<&str> {
-        self.conntrack_hook.as_ref().err().map(String::as_str)
-    }
-
-    /// The netns where the conntrack hook is armed.
-    pub fn hooked_netns(&self) -> Vec<u32> {
-        self.conntrack_hook
-            .as_ref()
-            .map(|h| h.armed().collect())
-            .unwrap_or_default()
-    }
-
-    /// Arms the conntrack hook in `netns`, entered through `path`. Ok(false): not possible here, or
-    /// MAX_HOOKED_NETNS are armed already.
-    pub fn arm_conntrack_hook(&mut self, netns: u32, path: &Path) -> anyhow::Result<bool> {
-        let Ok(hook) = self.conntrack_hook.as_mut() else {
-            return Ok(false);
-        };
-        if hook.is_armed(netns) {
-            return Ok(true);
-        }
-        if hook.armed().count() >= MAX_HOOKED_NETNS as usize {
-            return Ok(false);
-        }
-        let since_ns = hook.arm(netns, path)?;
-        if !self.hook_functions_set {
-            set_conntrack_hook_functions(&mut self.ebpf)?;
-            self.hook_functions_set = true;
-        }
-        let mut hooked: BpfHashMap<_, u32, u64> =
-            BpfHashMap::try_from(self.ebpf.map_mut("HOOKED").context("HOOKED map missing")?)?;
-        hooked.insert(netns, since_ns, 0)?;
-        self.count_hooked()?;
-        Ok(true)
-    }
-
-    /// Tells the kfree_skb program how many netns are hooked (none: it skips looking).
-    fn count_hooked(&mut self) -> anyhow::Result<()> {
-        let hooked: BpfHashMap<_, u32, u64> =
-            BpfHashMap::try_from(self.ebpf.map("HOOKED").context("HOOKED map missing")?)?;
-        let n = hooked.keys().filter(Result::is_ok).count() as u32;
-        let mut count: Array<_, u32> =
-            Array::try_from(self.ebpf.map_mut("HOOKED_COUNT").context("HOOKED_COUNT map missing")?)?;
-        count.set(0, n, 0)?;
-        Ok(())
-    }
-
-    /// Unlinks the conntrack hook from `netns` (first the kernel side stops using its evidence).
-    pub fn disarm_conntrack_hook(&mut self, netns: u32) {
-        if let Some(map) = self.ebpf.map_mut("HOOKED")
-            && let Ok(mut hooked) = BpfHashMap::<_, u32, u64>::try_from(map)
-        {
-            let _ = hooked.remove(&netns);
-        }
-        let _ = self.count_hooked();
-        if let Ok(hook) = self.conntrack_hook.as_mut() {
-            hook.disarm(netns);
-        }
-    }
 }
 
 /// Before 5.10 (and in RHEL 8's 4.18) a clash that conntrack resolves still counts as insert_failed,
 /// with the packet accepted: the counter then carries noise.
 fn insert_failed_counts_resolved_clashes(release: &str) -> bool {
     crate::check::facts::KernelVersion::parse(release).is_some_and(|k| !k.at_least(5, 10))
-}
-
-/// Tells the kfree_skb program where conntrack's LOCAL_OUT hook functions are (to see whether conntrack
-/// runs for a family in a netns); 0 where not found (nf_conntrack not loaded): no hook evidence then.
-fn set_conntrack_hook_functions(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    let found = crate::kallsyms::addresses(&["ipv4_conntrack_local", "ipv6_conntrack_local"])?;
-    let mut fns: Array<_, u64> = Array::try_from(ebpf.map_mut("CT_HOOK_FNS").context("CT_HOOK_FNS map missing")?)?;
-    for (i, addr) in found.into_iter().enumerate() {
-        fns.set(i as u32, addr.unwrap_or(0), 0)?;
-    }
-    Ok(())
 }
