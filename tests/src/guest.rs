@@ -21,6 +21,9 @@ pub const KMOD_MODPROBE_ENV: &str = "CTRACE_TEST_KMOD_MODPROBE";
 /// What a firewall stop unloads in these tests: the match that holds nf_conntrack and the filter table.
 pub const FIREWALL_MODULES: [&str; 2] = ["xt_conntrack", "iptable_filter"];
 
+/// The global conntrack limit every reload test raises, lowers or watches being reset.
+pub const MAX_KEY: &str = "net.netfilter.nf_conntrack_max";
+
 /// The running kernel's version, parsed by ctrace's own parser.
 pub fn kernel_version() -> anyhow::Result<KernelVersion> {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").context("cannot read the kernel release")?;

@@ -268,6 +268,17 @@ impl Drop for SysctlGuard {
     }
 }
 
+/// A `/proc/PID/status` memory field (`VmRSS`, `VmHWM`) in KiB.
+pub fn memory_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no {field} in {path}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,11 +15,10 @@ use ctrace::check::proc_path;
 
 use crate::{
     Counters, Ctrace, TestNetns,
-    guest::{self, IptablesRule, Unloaded},
+    guest::{self, IptablesRule, MAX_KEY, Unloaded},
     rule_packets, run, threads, traffic,
 };
 
-pub const MAX_KEY: &str = "net.netfilter.nf_conntrack_max";
 /// The limit an admin raised before each firewall restart; the reload puts the default back (the trap: one
 /// `sysctl_reset` per minute).
 const RAISED_MAX: &str = "262144";
@@ -252,15 +251,4 @@ impl Drop for RaisedMax {
             eprintln!("FAILED TO RESTORE {MAX_KEY} to {}: {err}", self.old);
         }
     }
-}
-
-/// A `/proc/PID/status` memory field (`VmRSS`, `VmHWM`) in KiB.
-pub fn memory_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no {field} in {path}"))
 }

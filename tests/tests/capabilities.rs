@@ -5,8 +5,7 @@
 
 use std::{
     collections::BTreeSet,
-    io::{Read as _, Write as _},
-    net::{Ipv4Addr, TcpStream, UdpSocket},
+    net::{Ipv4Addr, UdpSocket},
     process::{Child, Command},
     time::Duration,
 };
@@ -14,6 +13,7 @@ use std::{
 use ctrace_tests::{
     Ctrace, TestNetns, ctrace_bin,
     packets::{RawTcp, TCP_FIN, TCP_SYN},
+    prometheus::{free_port, http_get},
     require_root,
 };
 use serde_json::Value;
@@ -209,23 +209,6 @@ fn with_caps(caps: &[String]) -> Command {
     cmd
 }
 
-/// One scrape of the metrics endpoint (a plain HTTP/1.0 GET).
-fn scrape(port: u16) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Runs ctrace under `cmd` through the workload; returns what worked, and ctrace's stderr when it did not start.
 fn measure(cmd: Command) -> (BTreeSet<Feature>, String) {
     let ns = TestNetns::new("caps").unwrap();
@@ -276,7 +259,7 @@ fn measure(cmd: Command) -> (BTreeSet<Feature>, String) {
     container.send(CONTAINER_DROPS);
     // Let the one-second status reach the endpoint.
     std::thread::sleep(Duration::from_millis(1500));
-    let body = scrape(port);
+    let body = http_get(&format!("127.0.0.1:{port}"), "/metrics").unwrap_or_default();
     let probes: Vec<&str> = body
         .lines()
         .filter(|l| l.starts_with("ctrace_probe_attached{"))

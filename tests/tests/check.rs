@@ -18,7 +18,7 @@ use ctrace_tests::{
 };
 use serde_json::Value;
 
-const MAX_KEY: &str = "net.netfilter.nf_conntrack_max";
+use ctrace_tests::guest::MAX_KEY;
 /// The value the sysctl.d file sets (the 1 GiB guest's default is 7680).
 const MAX: &str = "131072";
 const PERSISTED: &str = "/etc/sysctl.d/90-ct.conf";

@@ -19,7 +19,7 @@ use ctrace_tests::{
 };
 use serde_json::Value;
 
-const MAX_KEY: &str = "net.netfilter.nf_conntrack_max";
+use ctrace_tests::guest::MAX_KEY;
 const TABLE_FULL_MAX: u32 = 256;
 const TABLE_FULL_FLOWS: u32 = 556;
 const INVALID_SEGMENTS: u32 = 20;

@@ -16,10 +16,12 @@ use ctrace_tests::{
     bpf_objects::{self, gone_within, new_since},
     checks::Checks,
     events::{self, of_kind},
+    guest::MAX_KEY,
+    memory_kib,
     prometheus::free_port,
     require_root,
     scraper::{Scraper, sum},
-    soak::{MAX_KEY, Plan, Truth, Workload, memory_kib},
+    soak::{Plan, Truth, Workload},
 };
 use serde_json::Value;
 

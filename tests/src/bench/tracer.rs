@@ -151,7 +151,7 @@ impl Running {
 
     /// Sends the stop signal, waits for the exit and the rest of the output.
     pub fn stop(mut self, cpu_s: f64) -> anyhow::Result<Stopped> {
-        let peak_rss_kib = peak_rss_kib(self.pid()).unwrap_or(0);
+        let peak_rss_kib = crate::memory_kib(self.pid(), "VmHWM").unwrap_or(0);
         let signalled = Instant::now();
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), self.stop_signal)?;
         let status = loop {
@@ -297,15 +297,6 @@ fn parse_prog_fdinfo(text: &str) -> Option<BpfStats> {
         run_time_ns: field("run_time_ns:")?,
         run_cnt: field("run_cnt:")?,
     })
-}
-
-/// VmHWM of process `pid` in KiB.
-fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM")
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ use ctrace_tests::{
 use serde_json::Value;
 use time::OffsetDateTime;
 
-const MAX_KEY: &str = "net.netfilter.nf_conntrack_max";
+use ctrace_tests::guest::MAX_KEY;
 const TIMEOUT_KEY: &str = "net.netfilter.nf_conntrack_tcp_timeout_established";
 /// The raised limit (the incident's value).
 const RAISED_MAX: &str = "1048576";

@@ -361,26 +361,26 @@ reload can reset its sysctls"
         if self.modules_unwatched.is_some() {
             return Ok(None);
         }
-        let map = self
-            .ebpf
-            .take_map("MODULE_EVENTS")
-            .context("MODULE_EVENTS map missing")?;
-        Ok(Some(RingBuf::try_from(map)?))
+        self.take_ring("MODULE_EVENTS").map(Some)
     }
 
     pub fn take_sysctl_events(&mut self) -> anyhow::Result<Option<RingBuf<MapData>>> {
         if !self.sysctls_watched {
             return Ok(None);
         }
-        let map = self
-            .ebpf
-            .take_map("SYSCTL_EVENTS")
-            .context("SYSCTL_EVENTS map missing")?;
-        Ok(Some(RingBuf::try_from(map)?))
+        self.take_ring("SYSCTL_EVENTS").map(Some)
     }
 
     pub fn take_events(&mut self) -> anyhow::Result<RingBuf<MapData>> {
-        let map = self.ebpf.take_map("EVENTS").context("EVENTS map missing")?;
+        self.take_ring("EVENTS")
+    }
+
+    /// The ring buffer `name`, taken out of the object for the session to read.
+    fn take_ring(&mut self, name: &str) -> anyhow::Result<RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(name)
+            .with_context(|| format!("{name} map missing"))?;
         Ok(RingBuf::try_from(map)?)
     }
 }
