@@ -185,6 +185,13 @@ pub fn test(ws: &Path, args: &TestArgs) -> Result<()> {
         let status = if result.is_ok() { "ok" } else { "FAILED" };
         eprintln!("xtask: {status:<8} {name:<24} {}", secs(*time));
     }
+    // Why each step failed, again at the end: CI keeps a log's head and tail, and the step's own report may be in
+    // the part it cut.
+    for (name, _, result) in &results {
+        if let Err(err) = result {
+            eprintln!("xtask: {name} failed: {err:#}");
+        }
+    }
     let failed = results.iter().filter(|(_, _, result)| result.is_err()).count();
     if failed > 0 {
         bail!("{failed} of {} test steps failed", results.len());

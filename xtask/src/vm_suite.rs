@@ -305,7 +305,7 @@ fn parse_result(value: &str) -> Result<(i32, f64)> {
     Ok((rc.parse().context("exit status")?, secs(end)? - secs(start)?))
 }
 
-/// Prints the plain `N passed, M failed` line CI reads; an error names the first failure and carries the consoles'
+/// Prints the plain `N passed, M failed` line CI reads; an error names each failed test and why, with the consoles'
 /// ends (`tails`) of the failed guests.
 fn finish(suite: &str, results: &[TestResult], tails: &[String]) -> Result<()> {
     let failed: Vec<&TestResult> = results.iter().filter(|t| !t.passed()).collect();
@@ -314,13 +314,16 @@ fn finish(suite: &str, results: &[TestResult], tails: &[String]) -> Result<()> {
         !results.is_empty(),
         "no test of {suite} ran (does --vm-test match one?)"
     );
-    if let Some(first) = failed.first() {
+    if !failed.is_empty() {
+        let each: Vec<String> = failed
+            .iter()
+            .map(|t| format!("  {}: {}", t.name, t.failures.join("; ")))
+            .collect();
         bail!(
-            "{} of {} {suite} failed; first: {}: {}\n{}",
+            "{} of {} {suite} failed:\n{}\n{}",
             failed.len(),
             results.len(),
-            first.name,
-            first.failures.join("; "),
+            each.join("\n"),
             tails.join("\n")
         );
     }
@@ -370,6 +373,23 @@ mod tests {
         assert_eq!(
             tests[2].failures,
             ["no result: the guest stopped first (the guest did not finish within 300s)"]
+        );
+        // The error names every failed test and why (the summary repeats it where CI's log keeps it).
+        let err = finish("VM suite", &tests, &["tail".to_string()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "2 of 3 VM suite failed:\n  debian-6.1 reload::b: exit 101 after 0.5s: thread 'b' panicked"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.ends_with(
+                "  debian-6.1 reload::c: no result: the guest stopped first (the guest did not finish within \
+                 300s)\ntail"
+            ),
+            "{err}"
         );
     }
 

@@ -111,6 +111,25 @@ pub fn run(spec: &VmRun) -> Result<VmOutcome> {
     }
 }
 
+/// The guest kernel's command line. The kernel's hang detectors assume native speed: a soft lockup after 20 s on
+/// one CPU, an RCU stall after 21 s. Under TCG the guest runs tens of times slower and a busy softirq or a netns
+/// teardown can cross those lines with nothing wrong, which stops the guest ("kernel trouble"). The thresholds are
+/// stretched as syzkaller stretches them for its emulated machines (checked in 5.10 and 6.12 guests: 60 and 120
+/// in /proc/sys/kernel/watchdog_thresh and rcupdate's rcu_cpu_stall_timeout); a real hang is still reported, later,
+/// and every suite has its own time limit.
+fn kernel_command_line() -> String {
+    [
+        "console=ttyS0",
+        "panic=-1",
+        "quiet",
+        "rdinit=/init",
+        // Soft lockup after 2 × 60 s.
+        "watchdog_thresh=60",
+        "rcupdate.rcu_cpu_stall_timeout=120",
+    ]
+    .join(" ")
+}
+
 /// A boot that failed before `/init` started: a hang, or kernel trouble during the kernel's own start-up.
 fn boot_hiccup(outcome: &VmOutcome) -> bool {
     match outcome.exit_reason {
@@ -247,7 +266,7 @@ fn qemu_command(qemu: &Path, spec: &VmRun, initrd: &Path) -> Command {
         .arg(&spec.kernel.vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet rdinit=/init"])
+        .args(["-append", &kernel_command_line()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
