@@ -138,7 +138,26 @@ fn kernel_trouble(line: &str) -> bool {
         "Oops:",
         "general protection fault",
     ];
-    SIGNS.iter().any(|sign| line.contains(sign))
+    SIGNS.iter().any(|sign| line.contains(sign)) || die_line(line).is_some()
+}
+
+/// The trap an oops names, from the kernel's `die()` line: `<trap>: <error code> [#<n>]` (`int3: 0000 [#1] SMP`;
+/// 6.x kernels put `Oops: ` before it, 5.10 does not).
+fn die_line(line: &str) -> Option<&str> {
+    let at = line.find(" [#")?;
+    let (head, tail) = (&line[..at], &line[at + 3..]);
+    let digits = tail.bytes().take_while(u8::is_ascii_digit).count();
+    let (trap, code) = head.rsplit_once(": ")?;
+    let well_formed =
+        digits > 0 && tail[digits..].starts_with(']') && code.len() == 4 && code.bytes().all(|b| b.is_ascii_hexdigit());
+    // The trap's name follows the last `: ` ("Oops: int3") or the timestamp ("[  12.3] int3").
+    let name = trap.rsplit(": ").next()?.rsplit("] ").next()?;
+    well_formed.then_some(name.trim())
+}
+
+/// An oops on an int3 instruction (a breakpoint no kprobe or text patch claimed).
+pub(super) fn int3_oops(line: &str) -> bool {
+    die_line(line) == Some("int3")
 }
 
 #[cfg(test)]
@@ -200,5 +219,27 @@ mod tests {
         assert!(!kernel_trouble(
             "nf_conntrack: default automatic helper assignment has been turned off"
         ));
+        // 5.10 prints die()'s line without "Oops: ".
+        assert!(kernel_trouble("[  137.1] int3: 0000 [#1] SMP NOPTI"));
+        assert!(!kernel_trouble("case clash: 500 rounds: 0000 [#1 of 2]"));
+    }
+
+    #[test]
+    fn int3_oopses_are_told_from_other_oopses() {
+        // As printed by the 6.12 guest, after a test's own output on the same line.
+        assert!(int3_oops(
+            "test forwarding::forwarded_drops ... [  137.103335] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI"
+        ));
+        assert!(int3_oops("[   12.3] int3: 0000 [#1] SMP NOPTI"));
+        assert!(!int3_oops(
+            "[   12.3] Oops: general protection fault: 0000 [#1] SMP NOPTI"
+        ));
+        assert!(!int3_oops(
+            "[   12.3] Oops: invalid opcode: 0000 [#2] PREEMPT SMP NOPTI"
+        ));
+        assert!(!int3_oops(
+            "[   12.3] BUG: kernel NULL pointer dereference, address: 0000000000000000"
+        ));
+        assert!(!int3_oops("echo int3: 0000 [#x]"));
     }
 }

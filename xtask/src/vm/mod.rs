@@ -77,37 +77,67 @@ const TROUBLE_GRACE: Duration = Duration::from_secs(5);
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// Boots tried when the kernel gets stuck before `/init` (seen rarely under TCG: nothing after the BIOS).
 const BOOT_ATTEMPTS: u32 = 3;
+/// Runs tried again after the guest kernel hit a breakpoint that text patching had already removed (see [`Hiccup`]).
+const TEXT_PATCHING_RERUNS: u32 = 1;
+
+/// A guest run that says nothing about what the guest was asked to do: emulation failed it, and it is run again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hiccup {
+    /// The kernel never reached `/init`: it hung, or oopsed in its own start-up (seen once under TCG: an int3 in
+    /// sched_clock_cpu while text was being patched). Nothing of the test had run yet.
+    Boot,
+    /// An oops on an int3 instruction. The kernel patches its text (static keys, tracepoints, kprobes: every netns
+    /// that adds a netfilter hook, every program ctrace attaches) by writing an int3 first, then the new bytes,
+    /// then removing the int3, with a serialising IPI to every CPU after each step; an int3 that no patch owns any
+    /// more is an oops. On hardware that cannot happen. Multi-threaded TCG sometimes runs a vCPU's stale
+    /// translation that still holds the int3 (seen in the 6.12 matrix: `Oops: int3` in
+    /// syscall_exit_to_user_mode_prepare, at a jump label's NOP). The guest is run again once; a second one fails
+    /// the run.
+    TextPatching,
+}
 
 /// Boots the guest and waits for its result. Errors are problems on the host (QEMU missing, bad inputs); anything
-/// the guest does, including hanging or panicking, is an `Ok` outcome with `passed == false`. A boot that never
-/// reaches `/init` (it hangs, or the kernel oopses in its own start-up, seen once under TCG: an int3 in
-/// sched_clock_cpu while text was being patched) is an emulation hiccup, not a test result: nothing of the test
-/// had run yet. It is tried again, up to `BOOT_ATTEMPTS` times.
+/// the guest does, including hanging or panicking, is an `Ok` outcome with `passed == false`, apart from the
+/// emulation [`Hiccup`]s, after which the guest is run again (up to `BOOT_ATTEMPTS` boots that hang before
+/// `/init`, `TEXT_PATCHING_RERUNS` runs stopped by a stale int3), each said on stderr.
 pub fn run(spec: &VmRun) -> Result<VmOutcome> {
-    let mut attempt = 1;
+    let (mut boots, mut reruns) = (1, 0);
     loop {
         let outcome = run_once(spec)?;
-        if !boot_hiccup(&outcome) {
-            return Ok(outcome);
-        }
-        if attempt == BOOT_ATTEMPTS {
-            return Ok(match outcome.exit_reason {
-                ExitReason::BootHang { .. } => VmOutcome {
-                    exit_reason: ExitReason::BootHang {
-                        limit: BOOT_TIMEOUT,
-                        attempts: attempt,
+        match hiccup(&outcome) {
+            None => return Ok(outcome),
+            Some(Hiccup::Boot) if boots < BOOT_ATTEMPTS => {
+                eprintln!(
+                    "vm: the guest kernel did not reach /init ({}; boot {boots} of {BOOT_ATTEMPTS}); booting again \
+                     (console: {})",
+                    outcome.exit_reason,
+                    outcome.log_path.display()
+                );
+                boots += 1;
+            }
+            Some(Hiccup::Boot) => {
+                return Ok(match outcome.exit_reason {
+                    ExitReason::BootHang { .. } => VmOutcome {
+                        exit_reason: ExitReason::BootHang {
+                            limit: BOOT_TIMEOUT,
+                            attempts: boots,
+                        },
+                        ..outcome
                     },
-                    ..outcome
-                },
-                _ => outcome,
-            });
+                    _ => outcome,
+                });
+            }
+            Some(Hiccup::TextPatching) if reruns < TEXT_PATCHING_RERUNS => {
+                eprintln!(
+                    "vm: the guest kernel hit an int3 that text patching had removed, which multi-threaded TCG \
+                     sometimes leaves behind ({}); running the guest again from the start (console: {})",
+                    outcome.exit_reason,
+                    outcome.log_path.display()
+                );
+                reruns += 1;
+            }
+            Some(Hiccup::TextPatching) => return Ok(outcome),
         }
-        eprintln!(
-            "vm: the guest kernel did not reach /init ({}; boot {attempt} of {BOOT_ATTEMPTS}); booting again (console: {})",
-            outcome.exit_reason,
-            outcome.log_path.display()
-        );
-        attempt += 1;
     }
 }
 
@@ -130,12 +160,13 @@ fn kernel_command_line() -> String {
     .join(" ")
 }
 
-/// A boot that failed before `/init` started: a hang, or kernel trouble during the kernel's own start-up.
-fn boot_hiccup(outcome: &VmOutcome) -> bool {
-    match outcome.exit_reason {
-        ExitReason::BootHang { .. } => true,
-        ExitReason::KernelTrouble { .. } => outcome.boot_time.is_none(),
-        _ => false,
+/// Whether a run failed by emulation rather than by what the guest ran.
+fn hiccup(outcome: &VmOutcome) -> Option<Hiccup> {
+    match &outcome.exit_reason {
+        ExitReason::BootHang { .. } => Some(Hiccup::Boot),
+        ExitReason::KernelTrouble { .. } if outcome.boot_time.is_none() => Some(Hiccup::Boot),
+        ExitReason::KernelTrouble { line } if console::int3_oops(line) => Some(Hiccup::TextPatching),
+        _ => None,
     }
 }
 
@@ -313,7 +344,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_failures_before_init_are_booted_again() {
+    fn only_emulation_failures_are_run_again() {
         let outcome = |exit_reason, boot_time| VmOutcome {
             passed: false,
             console: String::new(),
@@ -323,19 +354,31 @@ mod tests {
             log_path: PathBuf::new(),
             token: String::new(),
         };
-        let oops = || ExitReason::KernelTrouble {
-            line: "Oops: int3".into(),
-        };
-        assert!(boot_hiccup(&outcome(oops(), None)), "an oops before /init");
-        assert!(
-            !boot_hiccup(&outcome(oops(), Some(Duration::from_secs(5)))),
+        let trouble = |line: &str| ExitReason::KernelTrouble { line: line.into() };
+        let int3 = "[  137.1] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI";
+        let gpf = "[  137.1] Oops: general protection fault: 0000 [#1] PREEMPT SMP NOPTI";
+        let running = Some(Duration::from_secs(5));
+        assert_eq!(
+            hiccup(&outcome(trouble(gpf), None)),
+            Some(Hiccup::Boot),
+            "an oops before /init"
+        );
+        assert_eq!(
+            hiccup(&outcome(trouble(gpf), running)),
+            None,
             "an oops during the test is a result"
         );
+        assert_eq!(
+            hiccup(&outcome(trouble(int3), running)),
+            Some(Hiccup::TextPatching),
+            "a stale int3 is emulation's"
+        );
+        assert_eq!(hiccup(&outcome(trouble("watchdog: BUG: soft lockup"), running)), None);
         let hang = ExitReason::BootHang {
             limit: BOOT_TIMEOUT,
             attempts: 1,
         };
-        assert!(boot_hiccup(&outcome(hang, None)));
-        assert!(!boot_hiccup(&outcome(ExitReason::ScriptFailed { code: 1 }, None)));
+        assert_eq!(hiccup(&outcome(hang, None)), Some(Hiccup::Boot));
+        assert_eq!(hiccup(&outcome(ExitReason::ScriptFailed { code: 1 }, None)), None);
     }
 }
