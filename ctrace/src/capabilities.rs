@@ -33,8 +33,13 @@ pub struct CapSet(pub u64);
 impl CapSet {
     /// This process's effective capabilities (empty when they cannot be read).
     pub fn effective() -> CapSet {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        CapSet(parse_cap_eff(&status).unwrap_or(0))
+        Self::read_effective().unwrap_or_default()
+    }
+
+    /// This process's effective capabilities, or None when `/proc/self/status` cannot be read or has no CapEff.
+    pub fn read_effective() -> Option<CapSet> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        parse_cap_eff(&status).map(CapSet)
     }
 
     pub fn has(self, cap: u32) -> bool {

@@ -88,15 +88,6 @@ fn drop_root(uid: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cap_eff() -> anyhow::Result<u64> {
-    let status = fs::read_to_string("/proc/self/status")?;
-    let hex = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .context("no CapEff in /proc/self/status")?;
-    Ok(u64::from_str_radix(hex.trim(), 16)?)
-}
-
 /// A user namespace of our own, in which we are root (and may create netns and set their rules).
 fn enter_user_namespace(uid: u32, gid: u32) -> anyhow::Result<()> {
     unshare(CloneFlags::CLONE_NEWUSER).context(
@@ -158,7 +149,9 @@ pub fn flood(
 ) -> anyhow::Result<(FloodReport, Vec<OwnedFd>)> {
     drop_root(uid)?;
     let mut report = FloodReport {
-        cap_eff: cap_eff()?,
+        cap_eff: ctrace::capabilities::CapSet::read_effective()
+            .context("no CapEff in /proc/self/status")?
+            .0,
         uid: nix::unistd::getuid().as_raw(),
         ..Default::default()
     };

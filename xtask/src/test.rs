@@ -174,7 +174,13 @@ pub fn test(ws: &Path, args: &TestArgs) -> Result<()> {
         let start = Instant::now();
         let result = step.run(ws, &only);
         if let Err(err) = &result {
-            eprintln!("xtask: {} failed: {err:#}", step.name);
+            // The whole reason (for a VM suite, with the guests' console ends) is in the summary below.
+            let why = format!("{err:#}");
+            eprintln!(
+                "xtask: {} failed: {}",
+                step.name,
+                why.lines().next().unwrap_or_default()
+            );
         }
         results.push((step.name, start.elapsed(), result));
     }
