@@ -131,7 +131,8 @@ pub(super) fn parse_marker(line: &str, token: &str) -> Option<Marker> {
 fn kernel_trouble(line: &str) -> bool {
     const SIGNS: [&str; 7] = [
         "Kernel panic",
-        "detected stalls",
+        // "detected stalls on CPUs/tasks" and "self-detected stall on CPU".
+        "detected stall",
         "soft lockup",
         "hard LOCKUP",
         "BUG:",
@@ -218,6 +219,9 @@ mod tests {
         ));
         assert!(!kernel_trouble(
             "nf_conntrack: default automatic helper assignment has been turned off"
+        ));
+        assert!(kernel_trouble(
+            "[  153.1] rcu: INFO: rcu_sched self-detected stall on CPU"
         ));
         // 5.10 prints die()'s line without "Oops: ".
         assert!(kernel_trouble("[  137.1] int3: 0000 [#1] SMP NOPTI"));

@@ -70,8 +70,9 @@ impl VmRun {
 
 /// Time given to `poweroff -f` after the result marker before QEMU is killed.
 const POWEROFF_GRACE: Duration = Duration::from_secs(20);
-/// Time to let the console finish printing a backtrace after trouble is seen.
-const TROUBLE_GRACE: Duration = Duration::from_secs(5);
+/// Time to let the console finish printing a backtrace after trouble is seen (a stalled guest prints slowly: 5 s
+/// lost the 5.10 soft lockup's stack).
+const TROUBLE_GRACE: Duration = Duration::from_secs(30);
 
 /// A kernel that has not reached `/init` by then is stuck in emulation (boots take 3–12 s under TCG).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
